@@ -1,0 +1,5 @@
+import sys
+
+from linrep.cli import main
+
+sys.exit(main())

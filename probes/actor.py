@@ -1,0 +1,120 @@
+"""Probes of checkpoints: a registry by dataset family, and the Ray actor that runs them.
+
+`probe_checkpoint(path)` rebuilds the model from the checkpoint alone and computes its figures.
+`ProbeActor` receives checkpoint paths as training reports them, probes them in order while the
+workers keep training, and logs each figure to the run's MLflow run at the checkpoint's step. It
+restarts if it dies (max_restarts=-1) and Ray retries the call it was running (max_task_retries=-1),
+so a checkpoint whose probe was interrupted is probed again; already-logged steps are not logged twice.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from trainer.checkpoint import load_classifier
+from trainer.config import Config
+
+_PROBES: dict[str, Callable[..., dict[str, float]]] = {}
+
+
+def register_probe(family: str):
+    def deco(fn):
+        _PROBES[family] = fn
+        return fn
+    return deco
+
+
+def probe_family(cfg: Config) -> str:
+    if cfg.is_synthetic:
+        return "synthetic"
+    return "imagenet" if cfg.data.dataset == "imagenet" else "dislib"
+
+
+@register_probe("synthetic")
+def _synthetic(model, cfg: Config, meta: dict, state: dict) -> dict[str, float]:
+    from probes.synthetic import synthetic_figures
+    from trainer.data.synthetic import SyntheticDGP
+
+    if "dgp" not in state:  # the DGP is fixed by the config: build it once per actor
+        state["dgp"] = SyntheticDGP(cfg.data, cfg.data_seed)
+    return synthetic_figures(model, cfg, state["dgp"])
+
+
+@register_probe("dislib")
+def _dislib(model, cfg: Config, meta: dict, state: dict) -> dict[str, float]:
+    from probes.factors import factor_figures
+
+    return factor_figures(model, cfg, state)
+
+
+@register_probe("imagenet")
+def _imagenet(model, cfg: Config, meta: dict, state: dict) -> dict[str, float]:
+    from probes.factors import imagenet_checkpoint_figures
+
+    return imagenet_checkpoint_figures(model, cfg, state)
+
+
+def probe_checkpoint(path: str | Path, state: dict | None = None, device: str = "cpu") -> tuple[int, dict[str, float]]:
+    """(step, figures) of one checkpoint directory."""
+    model, cfg, meta = load_classifier(Path(path), device)
+    figures = _PROBES[probe_family(cfg)](model, cfg, meta, state if state is not None else {})
+    return meta["step"], figures
+
+
+class _ProbeActor:
+    def __init__(self, tracking_uri: str | None, run_id: str | None, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.uri, self.run_id = tracking_uri, run_id
+        self.state: dict[str, Any] = {}
+        self.results: dict[int, dict[str, float]] = {}
+        self._latest: dict[str, float] = {}
+        self.logger = None
+        if tracking_uri and run_id:
+            from trainer.tracking import MetricLogger
+
+            self.logger = MetricLogger(tracking_uri, run_id, flush_every_s=0)
+            self._resume_keys_loaded = False
+
+    def probe(self, path: str, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        _, figures = probe_checkpoint(path, self.state)
+        figures["probe/seconds"] = time.perf_counter() - t0
+        if self.logger:
+            if not self._resume_keys_loaded:  # after a restart or a resumed run: skip logged steps
+                self.logger.resume_from(list(figures))
+                self._resume_keys_loaded = True
+            self.logger.log(figures, step)
+            self.logger.flush()
+        self.results[step] = figures
+        self._latest = {**figures, "step": step}
+        return figures
+
+    def latest(self) -> dict[str, float]:
+        return self._latest
+
+    def drain(self) -> dict[int, dict[str, float]]:
+        """Calls run in order, so this returns once every probe queued before it has finished."""
+        if self.logger:
+            self.logger.close()
+        return self.results
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def start_probe_actor(tracking_uri: str | None, run_id: str | None, cfg: Config, name: str | None = None):
+    """The probe actor of one run, with its own CPU/GPU share (probe.actor_cpus / actor_gpus)."""
+    import ray
+
+    cls = ray.remote(max_restarts=-1, max_task_retries=-1)(_ProbeActor)
+    opts: dict[str, Any] = dict(num_cpus=cfg.probe.actor_cpus, num_gpus=cfg.probe.actor_gpus)
+    if name:
+        opts["name"] = name
+    threads = max(1, int(cfg.probe.actor_cpus)) if cfg.probe.actor_cpus >= 1 else 1
+    return cls.options(**opts).remote(tracking_uri, run_id, threads)

@@ -1,0 +1,94 @@
+"""Train and probe: the trainer's run with a probe actor attached, and re-probing finished runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from probes.actor import probe_checkpoint, start_probe_actor
+from trainer import tracking
+from trainer.checkpoint import list_checkpoints
+from trainer.config import Config
+from trainer.errors import RuntimeFault, UserError
+from trainer.run import RunHandle, fit, init_ray, prepare_run
+
+RUN_DIR_TAG = "linrep.run_dir"
+
+
+@dataclass
+class Outcome:
+    run_key: str
+    run_id: str | None
+    tracking_uri: str | None
+    run_dir: Path
+    final: dict[str, float]            # the last checkpoint's probe figures (+ last train loss)
+    history: dict[int, dict[str, float]]
+
+
+def train_and_probe(cfg: Config, *, address: str | None = None, parent_run_id: str | None = None) -> Outcome:
+    """Run training through Ray Train with a probe actor beside it; return the final figures."""
+    handle = prepare_run(cfg, parent_run_id=parent_run_id)
+    init_ray(address)
+    return fit_and_probe(handle)
+
+
+def fit_and_probe(handle: RunHandle) -> Outcome:
+    import ray
+
+    cfg = handle.cfg
+    if handle.run_id:
+        from trainer.tracking import _client
+
+        _client(handle.tracking_uri).set_tag(handle.run_id, RUN_DIR_TAG, str(handle.run_dir))
+    actor = start_probe_actor(handle.tracking_uri, handle.run_id, cfg) if cfg.probe.enabled else None
+    status = "FAILED"
+    try:
+        result = fit(handle, probe_actor=actor)
+        if result.error:
+            raise RuntimeFault(f"training run {handle.run_key} failed: {result.error.splitlines()[0][:200]}")
+        history = ray.get(actor.drain.remote()) if actor else {}
+        status = "FINISHED"
+    finally:
+        if handle.run_id:
+            tracking.end_run(handle.tracking_uri, handle.run_id, status)
+        if actor is not None:
+            ray.kill(actor)
+    final = dict(history[max(history)]) if history else {}
+    if not final and handle.run_id:  # a rerun of a finished run: figures are already in MLflow
+        final = {k: v for k, v in tracking.latest_metrics(handle.tracking_uri, handle.run_id).items()
+                 if k.startswith("probe/")}
+    return Outcome(handle.run_key, handle.run_id, handle.tracking_uri, handle.run_dir, final, history)
+
+
+def find_run_dir(run_id: str, tracking_uri: str) -> Path:
+    from trainer.tracking import _client
+
+    try:
+        run = _client(tracking_uri).get_run(run_id)
+    except Exception:
+        raise UserError(f"MLflow run {run_id} not found in {tracking.redact(tracking_uri)}") from None
+    run_dir = run.data.tags.get(RUN_DIR_TAG)
+    if not run_dir or not Path(run_dir).is_dir():
+        raise UserError(f"MLflow run {run_id}: its checkpoint folder ({run_dir or 'unknown'}) is not on this machine")
+    return Path(run_dir)
+
+
+def reprobe_run(run_id: str, tracking_uri: str, log: bool = True, progress: Any = print) -> dict[int, dict[str, float]]:
+    """Probe every checkpoint of a finished run again and log the figures at their steps."""
+    run_dir = find_run_dir(run_id, tracking_uri)
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise UserError(f"no complete checkpoints under {run_dir}")
+    state: dict = {}
+    out = {}
+    for i, path in enumerate(ckpts, 1):
+        step, figures = probe_checkpoint(path, state)
+        out[step] = figures
+        if log:
+            logger = tracking.MetricLogger(tracking_uri, run_id)
+            logger.log(figures, step)
+            logger.close()
+        progress(f"[{i}/{len(ckpts)}] step {step}: " + "  ".join(f"{k.split('/', 1)[1]}={v:.4f}"
+                                                            for k, v in figures.items()))
+    return out

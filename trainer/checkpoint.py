@@ -1,0 +1,124 @@
+"""Self-describing checkpoints: weights + the resolved config + step travel together.
+
+Layout of a checkpoint directory:
+    model.pt        the classifier's state_dict (fp32), loadable with torch.load(weights_only=True)
+    train_state.pt  optimiser/scheduler state (torch engine)   |  ds/  DeepSpeed shards (deepspeed)
+    config.yaml     the resolved config
+    meta.json       step, samples seen, num_outputs, input spec, data signature — written LAST, so a
+                    directory without it (a crash during save) is never taken as a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from trainer.config import Config, ConfigError, from_dict
+from trainer.engine import MODEL_FILE, world_rank
+from trainer.errors import UserError
+from trainer.models import Classifier, InputSpec, build_classifier
+
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_checkpoint(engine, cfg: Config, meta: dict[str, Any], directory: Path) -> None:
+    """Every rank calls this (DeepSpeed shards); rank 0 writes config and, last, meta.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save(directory, client_state={"step": meta["step"]})
+    if world_rank() == 0:
+        (directory / CONFIG_FILE).write_text(cfg.to_yaml())
+        write_json_atomic(directory / META_FILE, meta)
+
+
+def is_complete(directory: Path) -> bool:
+    d = Path(directory)
+    return (d / META_FILE).is_file() and (d / MODEL_FILE).is_file() and (d / CONFIG_FILE).is_file()
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {directory}: no {META_FILE} (incomplete or not a linrep checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"checkpoint {directory}: {META_FILE} is not valid JSON") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise UserError(f"checkpoint {directory}: {META_FILE} lacks an integer 'step'")
+    return meta
+
+
+def read_config(directory: Path) -> Config:
+    path = Path(directory) / CONFIG_FILE
+    try:
+        raw = yaml.safe_load(path.read_text())
+        return from_dict(raw)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {directory}: no {CONFIG_FILE}") from None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise UserError(f"checkpoint {directory}: {CONFIG_FILE} is not valid YAML") from None
+    except ConfigError as err:
+        raise UserError(f"checkpoint {directory}: {CONFIG_FILE}: {err}") from None
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True): a pickle carrying code is refused, never executed."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint file {path} does not exist") from None
+    except Exception as err:  # UnpicklingError for code-carrying pickles, RuntimeError for truncation
+        first = str(err).strip().splitlines()[0][:140] if str(err).strip() else err.__class__.__name__
+        raise UserError(f"checkpoint file {path} cannot be loaded safely: {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"checkpoint file {path} does not hold a state_dict of tensors")
+    return state
+
+
+def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tuple[Classifier, Config, dict]:
+    """Rebuild the classifier from the checkpoint alone (config + meta + weights), in eval mode."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"checkpoint {directory} is not a directory")
+    meta = read_meta(directory)
+    cfg = read_config(directory)
+    spec = InputSpec(**meta.get("input_spec", {}))
+    model = build_classifier(cfg, spec, int(meta["num_outputs"]))
+    state = load_state_dict(directory / MODEL_FILE)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"checkpoint {directory}: weights do not fit model.encoder={cfg.model.encoder} "
+                        f"({str(err).splitlines()[0][:120]})") from None
+    return model.to(device).eval(), cfg, meta
+
+
+def load_encoder(directory: Path, device: str | torch.device = "cpu"):
+    """(encoder f, config): the features a probe decodes."""
+    model, cfg, _ = load_classifier(directory, device)
+    return model.encoder, cfg
+
+
+def make_meta(step: int, samples_seen: int, num_outputs: int, spec: InputSpec, **extra) -> dict[str, Any]:
+    return {"step": step, "samples_seen": samples_seen, "num_outputs": num_outputs,
+            "input_spec": asdict(spec), **extra}
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a Ray Train run folder, by step."""
+    found = [p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: read_meta(p)["step"])

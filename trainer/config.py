@@ -1,0 +1,434 @@
+"""One typed config tree for every linrep run.
+
+A config is read from a YAML preset (``trainer/presets/<name>.yaml``) or a user file, then
+``key.sub=value`` overrides are applied, then the whole tree is validated: field ranges first
+(pydantic), cross-field checks second (``Config.check``). Every error is a ``ConfigError``
+whose message is one line naming the key and what is allowed, so the CLI can print it and
+exit 2 before Ray starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from trainer.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+SYNTHETIC = "synthetic"
+DISLIB_DATASETS = ("dsprites", "shapes3d", "mpi3d", "cars3d", "smallnorb")
+IMAGE_DATASETS = DISLIB_DATASETS + ("imagenet",)
+
+
+class ConfigError(UserError):
+    """A config problem, phrased as one line that names the key and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["synthetic", "dsprites", "shapes3d", "mpi3d", "cars3d", "smallnorb", "imagenet"] = SYNTHETIC
+    """Which data: the paper's synthetic DGP, a DisLib dataset (shards under data.root) or ImageNet."""
+    seed: int | None = None
+    """Seed of the data-generating process (cluster vectors, generator g, splits); None = run.seed."""
+    dim: int = Field(5, ge=2)
+    """Synthetic: dimension d of the latent sphere S^{d-1}."""
+    num_classes: int = Field(100, ge=2)
+    """Number of classes: |C| of the synthetic DGP, or K of the image `partition` label scheme."""
+    kappa: float = Field(10.0, gt=0)
+    """Synthetic: concentration κ of the class-conditional vMF (an inverse temperature of the data)."""
+    num_instances: int = Field(1000, ge=2)
+    """Synthetic DIET: number N of instance labels; instance i belongs to class i mod |C|."""
+    labels: Literal["class", "instance", "factor", "partition", "imagenet"] = "class"
+    """Label scheme: class (supervised) | instance (DIET) for synthetic; factor | partition | instance
+    for DisLib; imagenet (see data.granularity) for ImageNet."""
+    conditional: Literal["vmf", "laplace", "normal"] = "vmf"
+    """Synthetic: class-conditional of z. laplace/normal are drawn in R^d around v_c and projected to
+    the sphere (they violate the theory's assumptions)."""
+    conditional_scale: float = Field(1.0, gt=0)
+    """Synthetic: Laplace scale b, or Normal variance σ², of the non-vMF conditionals."""
+    cluster_marginal: Literal["uniform", "laplace", "normal"] = "uniform"
+    """Synthetic: distribution of the cluster vectors v_c: uniform on the sphere, or Laplace/Normal
+    around e1 projected to the sphere."""
+    marginal_scale: float = Field(1.0, gt=0)
+    """Synthetic: scale of the Laplace/Normal cluster-vector marginal."""
+    generator_layers: int = Field(4, ge=1, le=16)
+    """Synthetic: number of layers of the invertible leaky-ReLU MLP g."""
+    generator_pool: int = Field(10000, ge=1, le=1_000_000)
+    """Synthetic: candidate weight matrices per layer of g; the best-conditioned one is kept."""
+    root: str | None = None
+    """Image datasets: folder with the WebDataset shards and manifest.json (`linrep data ...`)."""
+    factor: str | None = None
+    """Image datasets, labels=factor: the categorical factor to classify (default: the manifest's)."""
+    granularity: Literal["1000", "100", "binary"] = "1000"
+    """ImageNet: 1000 classes, 100 metaclasses (imagenet-x mapping) or binary (class < 500)."""
+    image_size: int = Field(64, ge=8, le=1024)
+    """Image datasets: side of the square input images fed to the model."""
+    shuffle_buffer: int = Field(5000, ge=0)
+    """Image datasets: WebDataset shuffle buffer (samples) per loader process."""
+    loader_workers: int = Field(1, ge=0, le=64)
+    """Image datasets: data-loader processes per Ray Train worker (0 = in the training process)."""
+    max_samples: int | None = Field(None, ge=1)
+    """Image datasets: use only the first N training samples per epoch (subsets for CI)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Image datasets: a corrupt shard or sample stops the run (raise) or is skipped and counted."""
+
+
+class ModelConfig(_Section):
+    encoder: str = "synthetic_mlp"
+    """Encoder f: a registered name (synthetic_mlp, dislib_mlp, resnet18) or any timm model name."""
+    hidden: list[int] | None = None
+    """Hidden widths of MLP encoders; None = the paper's ([10d,50d,50d,50d,50d,10d] / [512]*3)."""
+    feature_dim: int | None = Field(None, ge=1)
+    """Dimension of f(x); None = data.dim for synthetic, the backbone's width for images."""
+    case: Literal["C1", "C2", "C3", "C4"] | None = None
+    """Theorem 1 normalisation case; sets normalize_features / normalize_weights (C1: both, C2: f,
+    C3: W, C4: neither). None = use those two fields as given."""
+    normalize_features: bool = False
+    """Unit-norm f(x) before the head."""
+    normalize_weights: bool = False
+    """Unit-norm rows w_j of the head W."""
+    temperature: float = Field(1.0, gt=0)
+    """Head temperature β: logits = β <w_j, f(x)> (the initial value if learned)."""
+    learn_temperature: bool = False
+    """Learn β (as log β) jointly with the model."""
+    pretrained: bool = False
+    """timm encoders: load pretrained weights (needs the weights on this machine)."""
+    drop_rate: float = Field(0.0, ge=0, lt=1)
+    """timm encoders: dropout before the (removed) classifier."""
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    """Optimiser."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Weight decay (decoupled for adamw)."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum."""
+    batch_size: int = Field(1024, gt=0)
+    """Global batch size (split evenly over run.workers)."""
+    steps: int = Field(3000, gt=0)
+    """Optimiser steps of the run."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after the warm-up."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Cosine schedule: final lr as a fraction of the peak."""
+    grad_clip: float | None = Field(None, gt=0)
+    """Clip the global gradient norm to this value."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation micro-steps per optimiser step (DeepSpeed engine)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    """Cross-entropy label smoothing."""
+    mixup: float = Field(0.0, ge=0)
+    """Mixup alpha for image datasets (0 = off)."""
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    """Distributed engine: torch DDP (light, for small synthetic models) or DeepSpeed."""
+    zero_stage: int = Field(0, ge=0, le=2)
+    """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto = bf16 on GPU, fp32 on CPU."""
+
+
+class RunConfig(_Section):
+    name: str | None = None
+    """Run name (Ray Train run folder, MLflow run name); None = <preset>-<config hash>."""
+    seed: int = 0
+    """Seed of initialisation, sampling and shuffling."""
+    workers: int = Field(1, ge=1, le=4096)
+    """Ray Train workers."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per Ray Train worker."""
+    threads_per_worker: int | None = Field(None, ge=1)
+    """torch intra-op threads per worker; None = cpus_per_worker rounded."""
+    storage: str = "./ray_results"
+    """Ray Train storage (checkpoints); shared storage (NFS, S3) on multi-node clusters."""
+    checkpoint_every: int = Field(500, ge=1)
+    """Checkpoint (and probe) every K steps; the last step always checkpoints."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """Checkpoints kept (the latest K, plus the best by the probe metric)."""
+    max_failures: int = Field(3, ge=0)
+    """Worker failures tolerated; each restarts from the latest checkpoint."""
+    log_every: int = Field(50, ge=1)
+    """Log train metrics and the console progress line every N steps."""
+    resume: bool = True
+    """Rerunning the same config resumes its run (same run.name); False starts a fresh run."""
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None
+    """MLflow tracking URI; None = $MLFLOW_TRACKING_URI or sqlite ./mlruns/mlflow.db."""
+    experiment: str | None = None
+    """MLflow experiment; None = synthetic / dislib-<dataset> / imagenet."""
+    enabled: bool = True
+    """Log to MLflow at all."""
+
+
+class ProbeConfig(_Section):
+    enabled: bool = True
+    """Probe each checkpoint with a probe actor while training goes on."""
+    samples: int = Field(8192, ge=16)
+    """Synthetic: held-out DGP samples (split in halves: fit / score)."""
+    max_train_samples: int = Field(20000, ge=10)
+    """Image datasets: training-split samples used to fit decoders."""
+    max_eval_samples: int = Field(10000, ge=10)
+    """Image datasets: validation-split samples used to score decoders."""
+    actor_cpus: float = Field(0.0, ge=0)
+    """CPUs reserved by the probe actor (0 = shares the workers' CPUs)."""
+    actor_gpus: float = Field(0.0, ge=0)
+    """GPU share of the probe actor."""
+    every: int = Field(1, ge=1)
+    """Probe every n-th checkpoint."""
+
+
+class Config(_Section):
+    """The whole run: data, model, optimisation, run, tracking and probe sections."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Data: which dataset and its generating process / label scheme."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Model: encoder f and head W."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimisation."""
+    run: RunConfig = Field(default_factory=RunConfig)
+    """Execution: workers, seeds, checkpoints."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow."""
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    """Linear probes of checkpoints."""
+    preset: str | None = None
+    """Name of the preset this config started from (informational)."""
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def data_seed(self) -> int:
+        return self.run.seed if self.data.seed is None else self.data.seed
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.data.dataset == SYNTHETIC
+
+    @property
+    def unit_features(self) -> bool:
+        return self.model.case in ("C1", "C2") if self.model.case else self.model.normalize_features
+
+    @property
+    def unit_weights(self) -> bool:
+        return self.model.case in ("C1", "C3") if self.model.case else self.model.normalize_weights
+
+    @property
+    def experiment_name(self) -> str:
+        if self.tracking.experiment:
+            return self.tracking.experiment
+        if self.is_synthetic:
+            return "synthetic"
+        return "imagenet" if self.data.dataset == "imagenet" else f"dislib-{self.data.dataset}"
+
+    def fingerprint(self) -> str:
+        """Short hash of everything but run.name/run.resume and tracking: names a run for resume."""
+        d = self.model_dump(mode="json")
+        d["run"].pop("name", None)
+        d["run"].pop("resume", None)
+        d.pop("tracking", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    def run_name(self) -> str:
+        return self.run.name or f"{self.preset or 'run'}-{self.fingerprint()}"
+
+    # ---- cross-field checks ---------------------------------------------------------------
+    def check(self) -> "Config":
+        """Cross-field checks; each error names the keys involved and the fix."""
+        d, o, r = self.data, self.optim, self.run
+        if self.is_synthetic:
+            if d.labels not in ("class", "instance"):
+                raise ConfigError(f"data.labels={d.labels}: the synthetic DGP takes class or instance")
+            if d.labels == "instance" and d.num_instances < d.num_classes:
+                raise ConfigError(
+                    f"data.num_instances={d.num_instances} < data.num_classes={d.num_classes}: "
+                    "DIET needs at least one instance per class (num_instances >= num_classes)")
+            if self.model.case == "C3" and d.labels == "instance" and d.num_classes < 2 * d.dim:
+                raise ConfigError(
+                    f"model.case=C3 needs data.num_classes >= 2*data.dim (= {2 * d.dim}), got {d.num_classes}")
+            if self.model.feature_dim not in (None, d.dim):
+                raise ConfigError(f"model.feature_dim={self.model.feature_dim}: synthetic encoders output "
+                                  f"data.dim={d.dim} (leave feature_dim unset)")
+        else:
+            if d.root is None:
+                raise ConfigError(f"data.root is required for data.dataset={d.dataset}: "
+                                  f"point it at the shards written by `linrep data`")
+            allowed = ("imagenet",) if d.dataset == "imagenet" else ("class", "factor", "partition", "instance")
+            if d.labels not in allowed:
+                raise ConfigError(f"data.labels={d.labels}: data.dataset={d.dataset} takes {' | '.join(allowed)}")
+        if o.batch_size % r.workers:
+            raise ConfigError(f"optim.batch_size={o.batch_size} must be divisible by run.workers={r.workers}")
+        if o.warmup_steps >= o.steps:
+            raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be < optim.steps={o.steps}")
+        if o.zero_stage and o.engine != "deepspeed":
+            raise ConfigError(f"optim.zero_stage={o.zero_stage} needs optim.engine=deepspeed")
+        if o.precision == "bf16" and not r.use_gpu:
+            raise ConfigError("optim.precision=bf16 needs run.use_gpu=true (CPU training runs fp32)")
+        if o.grad_accum > 1 and o.engine != "deepspeed":
+            raise ConfigError("optim.grad_accum > 1 needs optim.engine=deepspeed")
+        return self
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flatten(self) -> dict[str, Any]:
+        """{'data.dim': 5, ...}: MLflow params."""
+        return dict(_flatten(self.to_dict()))
+
+
+def _flatten(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _pydantic_error_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"])
+    got = e.get("input")
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        section = key.rsplit(".", 1)[0] if "." in key else ""
+        known = _known_keys(section)
+        return f"unknown config key '{key}' (known: {', '.join(known)})"
+    if isinstance(got, (dict, list)):
+        got = json.dumps(got)[:60]
+    return f"config key '{key}' = {got!r}: {msg.lower()}"
+
+
+def _known_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in filter(None, section.split(".")):
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return sorted(Config.model_fields)
+        model = field.annotation
+    return [f"{section}.{k}" if section else k for k in model.model_fields]
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a raw dict into a checked Config (raises ConfigError)."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_pydantic_error_line(err)) from None
+    return cfg.check()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'optim.lr=3e-3' -> (['optim', 'lr'], 0.003); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not key.sub=value")
+    key, _, text = item.partition("=")
+    path = key.strip().split(".")
+    if not all(path) or len(path) < 2:
+        raise ConfigError(f"override key '{key}' must name a section and a field, e.g. optim.lr=3e-3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str):
+        # YAML 1.1 reads 1e-3 as a string; accept scientific notation as a number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set key.sub=value items on a raw (unvalidated) dict; unknown keys are caught later."""
+    raw = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.__class__.__name__}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_raw(source: str) -> dict[str, Any]:
+    """A preset name or a YAML file -> raw dict (presets may `base:` on another preset)."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        raw = read_yaml(path)
+        name = path.stem
+    elif (PRESET_DIR / f"{source}.yaml").exists():
+        raw = read_yaml(PRESET_DIR / f"{source}.yaml")
+        name = source
+    else:
+        raise ConfigError(f"unknown preset or file '{source}' (presets: {', '.join(list_presets())})")
+    base = raw.pop("base", None)
+    merged = _deep_merge(load_raw(base), raw) if base else raw
+    merged["preset"] = raw.get("preset") or name
+    return merged
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(source: str, overrides: list[str] | None = None) -> Config:
+    """The one entry point: preset or file + overrides -> validated Config."""
+    raw = load_raw(source)
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config atomically (temp name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(cfg.to_yaml())
+    tmp.replace(path)

@@ -1,0 +1,171 @@
+"""The one place that knows torch.distributed and DeepSpeed: build, step, save, load.
+
+`setup_engine` wraps a plain nn.Module for the configured engine:
+- "ddp": torch DistributedDataParallel (no wrapper on one worker) and a torch optimiser. Light
+  enough for the small synthetic MLPs, whose steps take milliseconds.
+- "deepspeed": deepspeed.initialize with ZeRO stage 0/1/2, bf16 on GPU, gradient accumulation and
+  clipping. It reuses the process group Ray Train set up.
+Both expose forward / backward / step / save / load, so the training loop is engine-agnostic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import OptimConfig, RunConfig
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+DS_TAG = "ds"
+
+
+def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    if optim.name == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                               nesterov=True)
+    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def lr_factor(step: int, optim: OptimConfig) -> float:
+    """Multiplier of the peak lr at `step`: linear warm-up, then constant or cosine to min_lr_ratio."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_rank() -> int:
+    return torch.distributed.get_rank() if _is_distributed() else 0
+
+
+class TorchEngine:
+    """DDP (or a bare module on one worker) + torch optimiser + LambdaLR."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device):
+        self.module = model.to(device)
+        self.device = device
+        self.optim_cfg = optim
+        self.wrapped = self.module
+        if _is_distributed() and torch.distributed.get_world_size() > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.module, device_ids=ids)
+        self.optimizer = make_optimizer(self.module.parameters(), optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, optim))
+
+    def train(self, mode: bool = True):
+        self.wrapped.train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wrapped(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        if self.optim_cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, directory: Path, client_state: dict[str, Any]) -> None:
+        """Rank 0 writes weights + optimiser state (DDP replicas are identical)."""
+        if world_rank() == 0:
+            torch.save(self.module.state_dict(), directory / MODEL_FILE)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "client": client_state}, directory / STATE_FILE)
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        self.module.load_state_dict(torch.load(directory / MODEL_FILE, map_location=self.device, weights_only=True))
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["client"]
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize on the Ray Train process group; ZeRO 0/1/2, bf16 on GPU."""
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device, micro_batch: int, bf16: bool):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        self.module = model.to(device)
+        self.device = device
+        optimizer = make_optimizer(self.module.parameters(), optim)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": optim.grad_accum,
+            "zero_optimization": {"stage": optim.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        if optim.grad_clip:
+            ds_config["gradient_clipping"] = optim.grad_clip
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+            dist_init_required=False)
+        self.bf16 = bf16
+
+    def train(self, mode: bool = True):
+        self.ds.train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bf16:
+            x = x.to(torch.bfloat16)
+        return self.ds(x).float()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()  # applies the optimiser (and the lr schedule) at accumulation boundaries
+
+    @property
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def save(self, directory: Path, client_state: dict[str, Any]) -> None:
+        """Every rank writes its ZeRO shard; rank 0 also writes a plain fp32 model file for probes."""
+        self.ds.save_checkpoint(str(directory), tag=DS_TAG, client_state=client_state)
+        if world_rank() == 0:
+            state = {k: v.float() if v.is_floating_point() else v for k, v in self.ds.module.state_dict().items()}
+            torch.save(state, directory / MODEL_FILE)
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        _, client_state = self.ds.load_checkpoint(str(directory), tag=DS_TAG)
+        return client_state or {}
+
+
+def setup_engine(model: nn.Module, optim: OptimConfig, run: RunConfig, device: torch.device, world_size: int):
+    """The distributed engine, set up in one place."""
+    if optim.engine == "deepspeed":
+        bf16 = device.type == "cuda" and optim.precision in ("auto", "bf16")
+        micro = optim.batch_size // world_size // optim.grad_accum
+        return DeepSpeedEngine(model, optim, device, micro_batch=max(1, micro), bf16=bf16)
+    return TorchEngine(model, optim, device)
+
+
+def is_deepspeed_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / DS_TAG).is_dir()

@@ -1,0 +1,194 @@
+"""The Ray Train worker function: build -> train -> close.
+
+`train_loop_per_worker` is what TorchTrainer runs on every worker. It rebuilds the config from
+plain data, builds data source, model and engine, restores the latest checkpoint if Ray hands one
+over, and runs `train`, which calls `train_step` and, every run.checkpoint_every steps, saves a
+self-describing checkpoint, reports it to Ray Train and hands its path to the probe actor.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.checkpoint import is_complete, list_checkpoints, make_meta, read_meta, write_checkpoint
+from trainer.config import Config, from_dict
+from trainer.data import TrainData, create_train_data
+from trainer.engine import setup_engine
+from trainer.models import build_classifier
+from trainer.tracking import MetricLogger
+
+
+@dataclass
+class LoopContext:
+    """What the driver hands every worker besides the config."""
+
+    run_dir: str                 # absolute storage folder of this run (checkpoint_* live here)
+    tracking_uri: str | None     # None: no MLflow logging
+    run_id: str | None
+    probe_actor: Any = None      # a Ray actor handle with .probe.remote(path, step), or None
+    extra: dict = field(default_factory=dict)
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def train_step(engine, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch: (loss, accuracy) as detached scalars."""
+    logits = engine.forward(x)                                   # [B, K]
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    engine.backward(loss)
+    engine.step()
+    acc = (logits.detach().argmax(-1) == y).float().mean()
+    return loss.detach(), acc
+
+
+def restore(engine, run_dir: Path) -> int:
+    """Load the latest complete checkpoint (Ray's, else the newest complete one on disk); its step."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if is_complete(Path(d)):
+                engine.load(Path(d))
+                return read_meta(Path(d))["step"]
+    complete = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    if complete:
+        engine.load(complete[-1])
+        return read_meta(complete[-1])["step"]
+    return 0
+
+
+def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: dict[str, float],
+                    ctx: LoopContext, rank: int, logger: MetricLogger | None) -> None:
+    """Checkpoint -> flush metrics -> report (a barrier on every rank) -> hand the path to the probe."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="linrep-ckpt-") as tmp:
+        meta = make_meta(step, step * cfg.optim.batch_size, data.num_outputs, data.spec)
+        write_checkpoint(engine, cfg, meta, Path(tmp))
+        if logger:
+            logger.flush()  # before report: a resumed run then skips exactly what is already stored
+        has_files = any(Path(tmp).iterdir())
+        ray.train.report({**metrics, "step": step},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
+                         checkpoint_dir_name=checkpoint_dir_name(step))
+    nth = step // cfg.run.checkpoint_every
+    if rank == 0 and ctx.probe_actor is not None and (nth % cfg.probe.every == 0 or step == cfg.optim.steps):
+        ctx.probe_actor.probe.remote(str(Path(ctx.run_dir) / checkpoint_dir_name(step)), step)
+
+
+class Progress:
+    """Rank 0's console line: step, loss, accuracy, throughput and the latest probe figure."""
+
+    def __init__(self, cfg: Config, probe_actor: Any):
+        self.total = cfg.optim.steps
+        self.actor = probe_actor
+        self.pending = None
+        self.latest: dict[str, float] = {}
+
+    def _poll_probe(self) -> None:
+        if self.actor is None:
+            return
+        import ray
+
+        if self.pending is None:
+            self.pending = self.actor.latest.remote()
+        ready, _ = ray.wait([self.pending], timeout=0)
+        if ready:
+            try:
+                self.latest = ray.get(ready[0]) or self.latest
+            except Exception:
+                pass
+            self.pending = None
+
+    def line(self, step: int, m: dict[str, float]) -> None:
+        self._poll_probe()
+        probe = ""
+        if self.latest:
+            key = "probe/r2_affine" if "probe/r2_affine" in self.latest else next(iter(self.latest))
+            if key != "step":
+                probe = f"  {key.split('/', 1)[-1]} {self.latest[key]:.4f} @{int(self.latest.get('step', 0))}"
+        print(f"[linrep] step {step}/{self.total}  loss {m['train/loss']:.4f}  acc {m['train/acc']:.3f}  "
+              f"{m['train/samples_per_s']:,.0f} samples/s{probe}", flush=True)
+
+
+def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContext, rank: int,
+          logger: MetricLogger | None) -> None:
+    run, optim = cfg.run, cfg.optim
+    progress = Progress(cfg, ctx.probe_actor) if rank == 0 else None
+    engine.train()
+    loss_sum = acc_sum = 0.0
+    n_since = 0
+    t0 = time.perf_counter()
+    batches = data.batches(start_step * optim.grad_accum)
+    for step in range(start_step, optim.steps):
+        for _ in range(optim.grad_accum):
+            x, y = next(batches)
+            loss, acc = train_step(engine, x, y, optim.label_smoothing)
+        loss_sum += float(loss)
+        acc_sum += float(acc)
+        n_since += 1
+        done = step + 1
+        is_ckpt = done % run.checkpoint_every == 0 or done == optim.steps
+        if done % run.log_every == 0 or is_ckpt:
+            elapsed = time.perf_counter() - t0
+            metrics = {"train/loss": loss_sum / n_since, "train/acc": acc_sum / n_since,
+                       "train/samples_per_s": n_since * optim.batch_size / max(elapsed, 1e-9),
+                       "train/lr": engine.lr, "train/temperature": float(engine.module.log_beta.exp()),
+                       **data.stats()}
+            if logger:
+                logger.log(metrics, done)
+            if progress:
+                progress.line(done, metrics)
+            loss_sum = acc_sum = 0.0
+            n_since = 0
+            t0 = time.perf_counter()
+        if is_ckpt:
+            save_and_report(engine, cfg, data, done, {"train/loss": float(loss)}, ctx, rank, logger)
+            t0 = time.perf_counter()  # checkpoint time is not training throughput
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point of every Ray Train worker: build, train, close."""
+    import ray.train
+
+    cfg = from_dict(loop_config["config"])
+    ctx: LoopContext = loop_config["ctx"]
+    tc = ray.train.get_context()
+    rank, world = tc.get_world_rank(), tc.get_world_size()
+    if cfg.run.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(cfg.run.threads_per_worker or max(1, round(cfg.run.cpus_per_worker)))
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+
+    data = create_train_data(cfg, rank, world, device)
+    model = build_classifier(cfg, data.spec, data.num_outputs)
+    engine = setup_engine(model, cfg.optim, cfg.run, device, world)
+    start_step = restore(engine, Path(ctx.run_dir))
+    logger = None
+    if rank == 0 and ctx.tracking_uri and ctx.run_id:
+        logger = MetricLogger(ctx.tracking_uri, ctx.run_id)
+        if start_step:
+            logger.resume_from(["train/loss", "train/acc", "train/samples_per_s", "train/lr",
+                                "train/temperature", *data.stats().keys()])
+            print(f"[linrep] resumed from step {start_step}", flush=True)
+    try:
+        train(cfg, engine, data, start_step, ctx, rank, logger)
+    finally:
+        if logger:
+            logger.close()
+        sys.stdout.flush()

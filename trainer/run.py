@@ -1,0 +1,119 @@
+"""The driver: a validated config -> a Ray Train job -> checkpoints + one MLflow run.
+
+`prepare_run` names the run, opens (or reuses) its MLflow run and fixes its storage folder;
+`fit` starts or joins Ray and runs the TorchTrainer. Callers that attach a probe actor (probes/)
+create it between the two. Rerunning the same config reuses the run name, so Ray Train resumes
+from the latest checkpoint and the MLflow run is reused.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.config import Config
+from trainer.errors import UserError
+from trainer.loop import LoopContext, train_loop_per_worker
+from trainer import tracking
+
+
+@dataclass
+class RunHandle:
+    cfg: Config
+    run_key: str
+    run_dir: Path
+    tracking_uri: str | None
+    run_id: str | None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    handle: RunHandle
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    error: str | None = None
+
+
+def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str | None = None) -> RunHandle:
+    """Name the run, open its MLflow run (reused on resume) and fix its storage folder."""
+    run_key = cfg.run_name()
+    if not cfg.run.resume:
+        run_key = f"{run_key}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage_path = Path(storage or cfg.run.storage).expanduser().resolve()
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = tracking.resolve_uri(cfg.tracking)
+        tracking.check_reachable(uri)
+        run_id = tracking.open_run(cfg, uri, run_key, parent_run_id=parent_run_id)
+    return RunHandle(cfg, run_key, storage_path / run_key, uri, run_id)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` / $RAY_ADDRESS, or start a local Ray with this machine's CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else err.__class__.__name__
+        raise UserError(f"cannot reach Ray at {address or 'local'}: {first}") from None
+
+
+def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | None = None):
+    """The TorchTrainer for this run (also used inside Ray Tune trials)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = handle.cfg
+    ctx = LoopContext(run_dir=str(handle.run_dir), tracking_uri=handle.tracking_uri, run_id=handle.run_id,
+                      probe_actor=probe_actor)
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "ctx": ctx},
+        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=handle.run_key,
+            storage_path=str(handle.run_dir.parent),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            callbacks=callbacks or None,
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
+    )
+
+
+def _worker_env() -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    return env
+
+
+def fit(handle: RunHandle, *, probe_actor: Any = None) -> RunResult:
+    """Run the TorchTrainer to the end (resuming if the run folder has checkpoints)."""
+    trainer = make_trainer(handle, probe_actor)
+    result = trainer.fit()
+    err = getattr(result, "error", None)
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    return RunResult(handle, dict(result.metrics or {}), ckpt, error=str(err) if err else None)
+
+
+def run_training(cfg: Config, *, address: str | None = None) -> RunResult:
+    """Train without probes (probes.pipeline.train_and_probe adds the probe actor)."""
+    handle = prepare_run(cfg)
+    init_ray(address)
+    return fit(handle)

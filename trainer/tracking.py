@@ -1,0 +1,244 @@
+"""MLflow, and only here: the default store, run naming/resume, and one small log(metrics, step).
+
+mlflow is imported lazily (workers that never log never import it). The default store is a sqlite
+database ./mlruns/mlflow.db with artifacts under ./mlruns/artifacts; MLFLOW_TRACKING_URI (or
+tracking.uri) points elsewhere, e.g. an `mlflow server` over http on a cluster.
+
+MetricLogger buffers metrics and writes them in batches; a failed write keeps them buffered and is
+retried at the next flush (a tracking server that goes away mid-run does not stop training); on a
+resumed run it skips (key, step) pairs already in the store, so every step is logged exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from trainer.config import Config, TrackingConfig
+from trainer.errors import UserError
+
+DEFAULT_DIR = Path("mlruns")
+RUN_KEY_TAG = "linrep.run_key"
+JOB_ID_TAG = "linrep.ray_job_id"
+SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
+
+
+def default_tracking_uri() -> str:
+    DEFAULT_DIR.mkdir(exist_ok=True)
+    return f"sqlite:///{(DEFAULT_DIR / 'mlflow.db').resolve()}"
+
+
+def resolve_uri(tracking: TrackingConfig) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else the local sqlite store (absolute path)."""
+    uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        Path(rel).parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{Path(rel).resolve()}"
+    return uri
+
+
+def redact(uri: str) -> str:
+    """http://user:secret@host -> http://***@host (never log credentials)."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, when an http tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status >= 500:
+                raise UserError(f"MLflow tracking server {redact(uri)} answered HTTP {resp.status}")
+    except urllib.error.HTTPError as err:
+        if err.code >= 500:
+            raise UserError(f"MLflow tracking server {redact(uri)} answered HTTP {err.code}") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(f"MLflow tracking server {redact(uri)} is unreachable ({reason}); "
+                        "start it or set MLFLOW_TRACKING_URI / tracking.uri") from None
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def artifact_root(uri: str) -> str | None:
+    """With the local sqlite store, artifacts go under ./mlruns/artifacts (next to the database)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Experiment id for `name`, created if missing (on the driver, before any trial: no races)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root(uri)
+    try:
+        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    except Exception:  # created concurrently by another driver
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def ray_job_id() -> str | None:
+    """The Ray job this process runs in, when submitted through the Jobs API."""
+    return os.environ.get("LINREP_RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID") or None
+
+
+def open_run(cfg: Config, uri: str, run_key: str, *, parent_run_id: str | None = None,
+             extra_tags: dict[str, str] | None = None) -> str:
+    """Find the MLflow run of `run_key` (resume) or create it; log params, tags and the config."""
+    client = _client(uri)
+    exp_id = ensure_experiment(uri, cfg.experiment_name)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                               max_results=1) if cfg.run.resume else []
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {RUN_KEY_TAG: run_key, "linrep.preset": cfg.preset or "", "mlflow.runName": run_key}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=run_key, tags=tags)
+        run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in cfg.flatten().items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100])
+        client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    tags = {JOB_ID_TAG: ray_job_id(), "linrep.git_commit": git_commit(), **(extra_tags or {})}
+    for k, v in tags.items():
+        if v:
+            client.set_tag(run_id, k, v)
+    return run_id
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    _client(uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    _client(uri).log_text(run_id, text, name)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """[(step, value)] of one metric, by step."""
+    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+
+
+def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
+    return dict(_client(uri).get_run(run_id).data.metrics)
+
+
+class MetricLogger:
+    """log(metrics, step): buffered, retried, exactly once per (key, step) across resumes."""
+
+    def __init__(self, uri: str, run_id: str, *, flush_every_s: float = 5.0, max_buffer: int = 100_000):
+        self.uri, self.run_id = uri, run_id
+        self.flush_every_s, self.max_buffer = flush_every_s, max_buffer
+        self.buffer: list[tuple[str, float, int, int]] = []
+        self.last_step: dict[str, int] = {}
+        self.dropped = 0
+        self._last_flush = time.monotonic()
+        self._warned = False
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
+
+    def resume_from(self, keys: list[str]) -> None:
+        """Remember the last logged step of each key, so a replayed step is not logged twice."""
+        for key in keys:
+            try:
+                hist = self.client.get_metric_history(self.run_id, key)
+            except Exception:
+                continue
+            if hist:
+                self.last_step[key] = max(m.step for m in hist)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step <= self.last_step.get(key, -1):
+                continue  # already in the store (a replay after resume)
+            self.buffer.append((key, float(value), ts, step))
+            self.last_step[key] = step
+        if len(self.buffer) > self.max_buffer:
+            overflow = len(self.buffer) - self.max_buffer
+            self.dropped += overflow
+            del self.buffer[:overflow]
+        if time.monotonic() - self._last_flush > self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write the buffer; on failure keep it for the next try and warn once."""
+        self._last_flush = time.monotonic()
+        if not self.buffer:
+            return True
+        from mlflow.entities import Metric
+
+        try:
+            for i in range(0, len(self.buffer), 1000):
+                chunk = self.buffer[i:i + 1000]
+                self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in chunk])
+        except Exception as err:
+            if not self._warned:
+                print(f"warning: MLflow write failed ({err.__class__.__name__}); buffering "
+                      f"{len(self.buffer)} metric values and retrying", file=sys.stderr, flush=True)
+                self._warned = True
+            return False
+        self.buffer.clear()
+        self._warned = False
+        return True
+
+    def close(self, retries: int = 3, wait_s: float = 2.0) -> None:
+        for attempt in range(retries):
+            if self.flush():
+                break
+            time.sleep(wait_s)
+        if self.buffer or self.dropped:
+            print(f"warning: {len(self.buffer) + self.dropped} metric values could not be written to "
+                  f"MLflow ({redact(self.uri)}) and were dropped", file=sys.stderr, flush=True)
+
+
+def scrub_env_secrets(text: str) -> str:
+    """Replace the values of secret-looking environment variables found in `text`."""
+    for key, value in os.environ.items():
+        if value and len(value) >= 6 and any(m in key.upper() for m in SECRET_MARKERS) and value in text:
+            text = text.replace(value, "***")
+    return text
