@@ -8,12 +8,13 @@ from typing import Any
 
 from probes.actor import probe_checkpoint, start_probe_actor
 from trainer import tracking
-from trainer.checkpoint import list_checkpoints
+from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import Config
 from trainer.errors import RuntimeFault, UserError
 from trainer.run import RunHandle, fit, init_ray, prepare_run
 
 RUN_DIR_TAG = "linrep.run_dir"
+PROBED_KEY = "probe/seconds"  # every probe family logs it
 
 
 @dataclass
@@ -42,6 +43,8 @@ def fit_and_probe(handle: RunHandle) -> Outcome:
 
         _client(handle.tracking_uri).set_tag(handle.run_id, RUN_DIR_TAG, str(handle.run_dir))
     actor = start_probe_actor(handle.tracking_uri, handle.run_id, cfg) if cfg.probe.enabled else None
+    if actor is not None:
+        queue_unprobed(handle, actor)
     status = "FAILED"
     try:
         result = fit(handle, probe_actor=actor)
@@ -59,6 +62,22 @@ def fit_and_probe(handle: RunHandle) -> Outcome:
         final = {k: v for k, v in tracking.latest_metrics(handle.tracking_uri, handle.run_id).items()
                  if k.startswith("probe/")}
     return Outcome(handle.run_key, handle.run_id, handle.tracking_uri, handle.run_dir, final, history)
+
+
+def queue_unprobed(handle: RunHandle, actor) -> list[int]:
+    """On resume: probe the checkpoints a killed driver left unprobed (training goes on meanwhile)."""
+    if not handle.run_dir.is_dir():
+        return []
+    probed = set()
+    if handle.run_id:
+        probed = {step for step, _ in tracking.metric_history(handle.tracking_uri, handle.run_id, PROBED_KEY)}
+    queued = []
+    for path in list_checkpoints(handle.run_dir):
+        step = read_meta(path)["step"]
+        if step not in probed:
+            actor.probe.remote(str(path), step)
+            queued.append(step)
+    return queued
 
 
 def find_run_dir(run_id: str, tracking_uri: str) -> Path:

@@ -41,12 +41,22 @@ def write_checkpoint(engine, cfg: Config, meta: dict[str, Any], directory: Path)
     engine.save(directory, client_state={"step": meta["step"]})
     if world_rank() == 0:
         (directory / CONFIG_FILE).write_text(cfg.to_yaml())
-        write_json_atomic(directory / META_FILE, meta)
+        # meta lists every file with its size: a copy cut short (a crash while Ray persists the
+        # checkpoint) is then detectable, not just a missing meta.json
+        files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+        write_json_atomic(directory / META_FILE, {**meta, "files": files})
 
 
 def is_complete(directory: Path) -> bool:
+    """meta.json present and every file it lists present with its recorded size."""
     d = Path(directory)
-    return (d / META_FILE).is_file() and (d / MODEL_FILE).is_file() and (d / CONFIG_FILE).is_file()
+    if not ((d / META_FILE).is_file() and (d / MODEL_FILE).is_file() and (d / CONFIG_FILE).is_file()):
+        return False
+    try:
+        files = json.loads((d / META_FILE).read_text()).get("files", {})
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return False
+    return all((d / name).is_file() and (d / name).stat().st_size == size for name, size in files.items())
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

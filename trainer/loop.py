@@ -52,19 +52,24 @@ def train_step(engine, x: torch.Tensor, y: torch.Tensor, label_smoothing: float)
 
 
 def restore(engine, run_dir: Path) -> int:
-    """Load the latest complete checkpoint (Ray's, else the newest complete one on disk); its step."""
+    """Load the newest complete checkpoint; return its step (0 for a fresh run).
+
+    The run folder is scanned first: a driver killed right after a checkpoint was persisted may not
+    have recorded it in Ray's snapshot, and an incomplete folder (crash mid-save) is never taken.
+    Ray's own latest checkpoint is the fallback (remote storage that is not a local folder).
+    """
     import ray.train
 
+    complete = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    if complete:
+        engine.load(complete[-1])
+        return read_meta(complete[-1])["step"]
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if is_complete(Path(d)):
                 engine.load(Path(d))
                 return read_meta(Path(d))["step"]
-    complete = list_checkpoints(run_dir) if run_dir.is_dir() else []
-    if complete:
-        engine.load(complete[-1])
-        return read_meta(complete[-1])["step"]
     return 0
 
 

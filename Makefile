@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make run` (the main job) and `make test` (the suite).
+# Both create .venv on first use and install torch first (TORCH_SPEC: override it for another
+# CUDA build, e.g. make run TORCH_SPEC="torch==2.14.1 torchvision==0.29.1 --index-url ..."), then the project.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+LINREP := $(VENV)/bin/linrep
+STAMP := $(VENV)/.linrep-installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast ui bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## the main job: the paper's supervised headline experiment (local Ray, sqlite MLflow in ./mlruns)
+run: install
+	$(LINREP) train synthetic-supervised
+
+## the whole suite, the paper's headline checks included
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+## the inner loop: skips the slow headline checks
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+## the MLflow UI on 127.0.0.1:5000
+ui: install
+	$(LINREP) ui
+
+## every benchmark, results as JSON under results/bench and a table in the README
+bench: install
+	$(LINREP) bench
+
+clean:
+	rm -rf mlruns ray_results results

@@ -1,0 +1,75 @@
+"""Integration: the real CLI trains through Ray Train with 2 workers, is killed after a checkpoint,
+resumes from it when rerun, and leaves train and probe metrics at the right steps, each once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LINREP
+from trainer.checkpoint import list_checkpoints, read_meta
+
+STEPS, EVERY, LOG = 400, 100, 50
+ARGS = ["train", "synthetic-supervised", f"optim.steps={STEPS}", "run.workers=2", f"run.checkpoint_every={EVERY}",
+        f"run.log_every={LOG}", "probe.samples=1024", "data.generator_pool=1000", "model.hidden=[64,64]",
+        "optim.warmup_steps=10", "run.name=itest"]
+
+
+def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_two_workers_killed_resumed_metrics_exactly_once(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "ray_results" / "itest"
+    # 1. start, wait for the second checkpoint, then kill the driver (and its local Ray) with SIGKILL
+    proc = subprocess.Popen([*LINREP, *ARGS], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done = [read_meta(p)["step"] for p in list_checkpoints(run_dir)] if run_dir.exists() else []
+            if any(s >= 2 * EVERY for s in done):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = max(read_meta(p)["step"] for p in list_checkpoints(run_dir))
+    assert EVERY * 2 <= killed_at < STEPS
+    time.sleep(3)  # let the killed Ray's processes go
+
+    # 2. the same command resumes and finishes
+    out = subprocess.run([*LINREP, *ARGS], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "resumed from step" in log
+    resumed = int(log.split("resumed from step")[1].split()[0])
+    assert resumed >= killed_at
+
+    # 3. MLflow: one run, every train step and every checkpoint's probe exactly once
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("synthetic")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert metric_steps(uri, run_id, "train/loss") == list(range(LOG, STEPS + 1, LOG))
+    assert metric_steps(uri, run_id, "train/samples_per_s") == list(range(LOG, STEPS + 1, LOG))
+    for key in ("probe/r2_affine", "probe/r2_w", "probe/sv_mae", "probe/r2_g"):
+        assert metric_steps(uri, run_id, key) == list(range(EVERY, STEPS + 1, EVERY)), key
+    params = runs[0].data.params
+    assert params["run.workers"] == "2" and params["data.kappa"] == "10.0"
+    assert [read_meta(p)["step"] for p in list_checkpoints(run_dir)][-1] == STEPS
+    assert "final probe figures" in log and run_id in log
