@@ -89,9 +89,20 @@ class _ProbeActor:
                 self._resume_keys_loaded = True
             self.logger.log(figures, step)
             self.logger.flush()
+            self._log_artifacts(step)
         self.results[step] = figures
         self._latest = {**figures, "step": step}
         return figures
+
+    def _log_artifacts(self, step: int) -> None:
+        """Tables a probe left in state["artifacts"], under probes/step_<step>/ on the run."""
+        from trainer.tracking import log_text
+
+        for name, text in self.state.pop("artifacts", {}).items():
+            try:
+                log_text(self.uri, self.run_id, text, f"probes/step_{step:08d}/{name}")
+            except Exception as err:  # a tracking hiccup must not fail the probe
+                print(f"warning: could not log probe artifact {name}: {err.__class__.__name__}", flush=True)
 
     def latest(self) -> dict[str, float]:
         return self._latest

@@ -34,7 +34,8 @@ def train_and_probe(cfg: Config, *, address: str | None = None, parent_run_id: s
     return fit_and_probe(handle)
 
 
-def fit_and_probe(handle: RunHandle) -> Outcome:
+def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcome:
+    """fit() with a probe actor beside it; ends the MLflow run FINISHED or FAILED."""
     import ray
 
     cfg = handle.cfg
@@ -47,7 +48,7 @@ def fit_and_probe(handle: RunHandle) -> Outcome:
         queue_unprobed(handle, actor)
     status = "FAILED"
     try:
-        result = fit(handle, probe_actor=actor)
+        result = fit(handle, probe_actor=actor, callbacks=callbacks)
         if result.error:
             raise RuntimeFault(f"training run {handle.run_key} failed: {result.error.splitlines()[0][:200]}")
         history = ray.get(actor.drain.remote()) if actor else {}

@@ -44,10 +44,11 @@ def checkpoint_dir_name(step: int) -> str:
 def train_step(engine, x: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimiser step on a batch: (loss, accuracy) as detached scalars."""
     logits = engine.forward(x)                                   # [B, K]
-    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits, y, label_smoothing=0.0 if y.ndim == 2 else label_smoothing)
     engine.backward(loss)
     engine.step()
-    acc = (logits.detach().argmax(-1) == y).float().mean()
+    hard = y.argmax(-1) if y.ndim == 2 else y  # soft (mixup) targets: their argmax
+    acc = (logits.detach().argmax(-1) == hard).float().mean()
     return loss.detach(), acc
 
 
@@ -75,7 +76,11 @@ def restore(engine, run_dir: Path) -> int:
 
 def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: dict[str, float],
                     ctx: LoopContext, rank: int, logger: MetricLogger | None) -> None:
-    """Checkpoint -> flush metrics -> report (a barrier on every rank) -> hand the path to the probe."""
+    """Checkpoint -> flush metrics -> report (a barrier on every rank) -> hand the path to the probe.
+
+    The reported metrics carry the latest probe figures available (from an earlier checkpoint,
+    with `probe_step`), so schedulers such as ASHA can rank trials by them.
+    """
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="linrep-ckpt-") as tmp:
@@ -100,6 +105,10 @@ class Progress:
         self.actor = probe_actor
         self.pending = None
         self.latest: dict[str, float] = {}
+
+    def poll_latest(self) -> dict[str, float]:
+        self._poll_probe()
+        return self.latest
 
     def _poll_probe(self) -> None:
         if self.actor is None:
@@ -159,7 +168,11 @@ def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContex
             n_since = 0
             t0 = time.perf_counter()
         if is_ckpt:
-            save_and_report(engine, cfg, data, done, {"train/loss": float(loss)}, ctx, rank, logger)
+            latest = progress.poll_latest() if progress else {}
+            report = {"train/loss": float(loss), **{k: v for k, v in latest.items() if k.startswith("probe/")}}
+            if latest:
+                report["probe_step"] = int(latest.get("step", 0))
+            save_and_report(engine, cfg, data, done, report, ctx, rank, logger)
             t0 = time.perf_counter()  # checkpoint time is not training throughput
 
 

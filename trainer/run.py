@@ -14,10 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.config import Config
+from trainer.config import Config, RunConfig
 from trainer.errors import UserError
 from trainer.loop import LoopContext, train_loop_per_worker
 from trainer import tracking
+
+
+# On a cluster the default ./ray_results would land in a job's temporary working directory:
+# LINREP_STORAGE (shared storage, e.g. /mnt/shared/linrep) replaces the default there.
+DEFAULT_STORAGE = RunConfig.model_fields["storage"].default
 
 
 @dataclass
@@ -43,7 +48,10 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
     run_key = cfg.run_name()
     if not cfg.run.resume:
         run_key = f"{run_key}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage_path = Path(storage or cfg.run.storage).expanduser().resolve()
+    if storage is None:
+        from_env = os.environ.get("LINREP_STORAGE") if cfg.run.storage == DEFAULT_STORAGE else None
+        storage = from_env or cfg.run.storage
+    storage_path = Path(storage).expanduser().resolve()
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_uri(cfg.tracking)
@@ -103,9 +111,12 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def fit(handle: RunHandle, *, probe_actor: Any = None) -> RunResult:
-    """Run the TorchTrainer to the end (resuming if the run folder has checkpoints)."""
-    trainer = make_trainer(handle, probe_actor)
+def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = None) -> RunResult:
+    """Run the TorchTrainer to the end (resuming if the run folder has checkpoints).
+
+    callbacks: Ray Train callbacks, e.g. TuneReportCallback() when this runs inside a Tune trial.
+    """
+    trainer = make_trainer(handle, probe_actor, callbacks)
     result = trainer.fit()
     err = getattr(result, "error", None)
     ckpt = result.checkpoint.path if result.checkpoint else None

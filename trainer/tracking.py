@@ -99,17 +99,30 @@ def ensure_experiment(uri: str, name: str) -> str:
 
 
 def git_commit() -> str | None:
+    """The code's commit: from git, else LINREP_GIT_COMMIT (set by `linrep submit`: jobs carry no .git)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("LINREP_GIT_COMMIT") or None
 
 
 def ray_job_id() -> str | None:
-    """The Ray job this process runs in, when submitted through the Jobs API."""
-    return os.environ.get("LINREP_RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID") or None
+    """The Ray job this process runs in, when submitted through the Jobs API: LINREP_RAY_JOB_ID
+    (set by `linrep submit`), else the submission id Ray puts in RAY_JOB_CONFIG_JSON_ENV_VAR
+    (the only place a KubeRay RayJob driver finds it)."""
+    if os.environ.get("LINREP_RAY_JOB_ID"):
+        return os.environ["LINREP_RAY_JOB_ID"]
+    try:
+        import json
+
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {})
+        return meta.get("job_submission_id") or None
+    except (ValueError, AttributeError):
+        return None
 
 
 def open_run(cfg: Config, uri: str, run_key: str, *, parent_run_id: str | None = None,

@@ -1,0 +1,75 @@
+"""Image training data: WebDataset shards streamed per Ray Train worker, labelled by a label scheme.
+
+The pipeline is built inside the worker (stream.make_train_loader): this rank's shards, shuffled
+with a buffer seeded by seed+epoch, exactly `batches_per_epoch` batches per rank so every rank
+steps equally often. ImageNet gets timm's train transform and optional mixup.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.config import Config
+from trainer.data.labels import create_label_scheme
+from trainer.data.shards import load_manifest
+from trainer.data.stream import SkipCounter, epoch_batches, make_train_loader
+from trainer.models import InputSpec
+
+
+def imagenet_train_transform(image_size: int):
+    """timm's training transform (random resized crop, flip, normalisation) -> CHW float tensor."""
+    from timm.data import create_transform
+
+    return create_transform(image_size, is_training=True)
+
+
+class ImageTrainData:
+    """(images [B, C, H, W], targets [B] or soft targets [B, K]) for this worker, epoch after epoch."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.manifest = load_manifest(cfg.data.root)
+        self.labels = create_label_scheme(cfg.data, self.manifest, cfg.data_seed)
+        self.num_outputs = self.labels.num_classes
+        self.spec = InputSpec(channels=self.manifest.channels, size=cfg.data.image_size)
+        self.micro_batch = cfg.optim.batch_size // world_size // cfg.optim.grad_accum
+        self.batches_per_epoch = epoch_batches(self.manifest, "train", self.micro_batch, world_size,
+                                               cfg.data.max_samples)
+        self.transform = imagenet_train_transform(cfg.data.image_size) if cfg.data.dataset == "imagenet" else None
+        self.mixup = self._make_mixup()
+        self.skipped = SkipCounter()  # finished epochs; the running loader counts its own
+        self._loader = None
+        self.epoch = 0
+
+    def _make_mixup(self):
+        if self.cfg.optim.mixup <= 0:
+            return None
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=self.cfg.optim.mixup, label_smoothing=self.cfg.optim.label_smoothing,
+                     num_classes=self.num_outputs)
+
+    def batches(self, start_step: int):
+        """Micro-batches from `start_step` on. A resumed run starts a fresh shuffle of the epoch it
+        stopped in (seeded by the offset), so no rank reads past the epoch's end."""
+        self.epoch, offset = divmod(start_step, self.batches_per_epoch)
+        while True:
+            loader = make_train_loader(self.cfg.data, self.manifest, rank=self.rank, world_size=self.world_size,
+                                       batch_size=self.micro_batch, seed=self.cfg.run.seed + 7919 * offset,
+                                       epoch=self.epoch, num_batches=self.batches_per_epoch - offset,
+                                       transform=self.transform)
+            self._loader = loader
+            for batch in loader:
+                x = batch["image"].to(self.device, non_blocking=True)
+                y = self.labels(batch).to(self.device)
+                if self.mixup is not None:
+                    x, y = self.mixup(x, y)
+                yield x, y
+            self.skipped.add(loader.skipped.count, loader.skipped.reasons)
+            self._loader = None
+            self.epoch += 1
+            offset = 0
+
+    def stats(self) -> dict[str, float]:
+        running = self._loader.skipped.count if self._loader is not None else 0
+        return {"data/epoch": float(self.epoch), "data/skipped": float(self.skipped.count + running)}
