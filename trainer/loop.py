@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from trainer.checkpoint import is_complete, list_checkpoints, make_meta, read_meta, write_checkpoint
 from trainer.config import Config, from_dict
-from trainer.data import TrainData, create_train_data
+from trainer.data.sources import TrainData, create_train_data
 from trainer.engine import setup_engine
 from trainer.models import build_classifier
 from trainer.tracking import MetricLogger

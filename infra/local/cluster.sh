@@ -23,14 +23,6 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 
-STATE="${LINREP_CLUSTER_DIR:-./.linrep-cluster}"
-mkdir -p "$STATE"
-STATE="$(cd "$STATE" && pwd)"
-RAY_PORT="${LINREP_RAY_PORT:-6379}"
-DASH_PORT="${LINREP_DASHBOARD_PORT:-8265}"
-MLFLOW_PORT="${LINREP_MLFLOW_PORT:-5000}"
-HOST=127.0.0.1
-
 if [[ -n "${LINREP_PYTHON:-}" ]]; then PY="$LINREP_PYTHON"
 elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
 else PY="$(command -v python3 || true)"; fi
@@ -38,6 +30,13 @@ BIN="$(dirname "$PY")"
 RAY="$BIN/ray"
 MLFLOW="$BIN/mlflow"
 LIB=("$PY" "$HERE/clusterlib.py")
+
+STATE="${LINREP_CLUSTER_DIR:-./.linrep-cluster}"
+[[ "$STATE" == /* ]] || STATE="$PWD/${STATE#./}"
+RAY_PORT="${LINREP_RAY_PORT:-6379}"
+DASH_PORT="${LINREP_DASHBOARD_PORT:-8265}"
+MLFLOW_PORT="${LINREP_MLFLOW_PORT:-5000}"
+HOST=127.0.0.1
 
 TOKEN="$STATE/auth_token"
 LOGS="$STATE/logs"
@@ -54,8 +53,8 @@ need_tools() {
 }
 
 # A pid file names a live process of ours only if the command line still matches (pid reuse).
-ray_alive()    { [[ -f "$RAY_PID" ]] && "${LIB[@]}" alive "$(cat "$RAY_PID")" --expect="--port=$RAY_PORT"; }
-mlflow_alive() { [[ -f "$MLFLOW_PID" ]] && "${LIB[@]}" alive "$(cat "$MLFLOW_PID")" --expect="--port $MLFLOW_PORT"; }
+ray_alive()    { [[ -f "$RAY_PID" ]] && "${LIB[@]}" alive "$(cat "$RAY_PID")" --expect="--port=$RAY_PORT --include-dashboard"; }
+mlflow_alive() { [[ -f "$MLFLOW_PID" ]] && "${LIB[@]}" alive "$(cat "$MLFLOW_PID")" --expect="--port $MLFLOW_PORT --workers"; }
 
 check_port() {  # $1 port, $2 the variable that sets it
   "${LIB[@]}" port-free "$1" || die "port $1 on $HOST is already in use: free it or set $2"
@@ -76,8 +75,6 @@ EOF
 }
 
 start_ray() {
-  check_port "$RAY_PORT" LINREP_RAY_PORT
-  check_port "$DASH_PORT" LINREP_DASHBOARD_PORT
   if [[ ! -s "$TOKEN" ]]; then
     (umask 077 && "${LIB[@]}" token > "$TOKEN.tmp" && mv -f "$TOKEN.tmp" "$TOKEN")
   fi
@@ -97,8 +94,9 @@ start_ray() {
   #   servers (GCS, raylet, agents, client server) to it.
   # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: no 30 s node drain on SIGTERM (no Serve here).
   # MLFLOW_TRACKING_URI: jobs and their workers log to this cluster's server by default.
+  # No inherited RAY_AUTH_TOKEN (it would outrank the token file) or RAY_ADDRESS.
   local pid
-  pid=$(env RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN" \
+  pid=$(env -u RAY_AUTH_TOKEN -u RAY_ADDRESS RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN" \
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
         RAY_USAGE_STATS_ENABLED=0 AUTOSCALER_METRIC_PORT="${p[0]}" DASHBOARD_METRIC_PORT="${p[1]}" \
         MLFLOW_TRACKING_URI="http://$HOST:$MLFLOW_PORT" \
@@ -106,12 +104,11 @@ start_ray() {
           --node-ip-address="$HOST" --port="$RAY_PORT" \
           --include-dashboard=true --dashboard-host="$HOST" --dashboard-port="$DASH_PORT" \
           --ray-client-server-port="${p[2]}" --dashboard-agent-listen-port="${p[3]}" \
-          --metrics-export-port="${p[4]}" --temp-dir="$tmp" --disable-usage-stats "${extra[@]}")
+          --metrics-export-port="${p[4]}" --temp-dir="$tmp" --disable-usage-stats ${extra[@]+"${extra[@]}"})
   echo "$pid" > "$RAY_PID"
 }
 
 start_mlflow() {
-  check_port "$MLFLOW_PORT" LINREP_MLFLOW_PORT
   mkdir -p "$STATE/artifacts"
   echo "starting MLflow server on http://$HOST:$MLFLOW_PORT (store $STATE/mlflow.db)"
   # One worker and no server-side job runner: a laptop-sized server, few processes.
@@ -123,7 +120,7 @@ start_mlflow() {
   echo "$pid" > "$MLFLOW_PID"
 }
 
-wait_ready() {  # both servers answer, or stop everything and show the logs
+wait_ready() {  # both servers answer, or show the logs and stop what this call started
   local why=""
   why=$("${LIB[@]}" wait-http "http://$HOST:$DASH_PORT/api/jobs/" --timeout 120 \
         --pid "$(cat "$RAY_PID")" --token-file "$TOKEN" 2>&1) \
@@ -131,10 +128,23 @@ wait_ready() {  # both servers answer, or stop everything and show the logs
         --pid "$(cat "$MLFLOW_PID")" 2>&1) && return 0
   echo "cluster.sh: not ready: $why" >&2
   for log in "$LOGS/ray.log" "$LOGS/mlflow.log"; do
-    [[ -f "$log" ]] && { echo "--- last lines of $log" >&2; tail -n 15 "$log" >&2; }
+    if [[ -f "$log" ]]; then echo "--- last lines of $log" >&2; tail -n 15 "$log" >&2; fi
   done
-  cmd_down >/dev/null
+  trap - ERR
+  stop_started
   exit 1
+}
+
+STARTED=()
+stop_started() {  # undo a failed `up`: only what this call started, never a head that was running
+  local svc
+  for svc in ${STARTED[@]+"${STARTED[@]}"}; do
+    case "$svc" in
+      mlflow) stop_one "MLflow server" "$MLFLOW_PID" mlflow_alive >&2 ;;
+      ray) stop_one "Ray head" "$RAY_PID" ray_alive >&2; stop_ray_quietly ;;
+    esac
+  done
+  rm -f "$STATE/env" "$STATE/cluster.json"
 }
 
 print_usage_hint() {
@@ -155,14 +165,20 @@ EOF
 cmd_up() {
   need_tools
   mkdir -p "$LOGS"
-  local started=0
-  if ray_alive; then echo "Ray head already running (pid $(cat "$RAY_PID"))"
-  else stop_ray_quietly; start_ray; started=1; fi
-  if mlflow_alive; then echo "MLflow server already running (pid $(cat "$MLFLOW_PID"))"
-  else rm -f "$MLFLOW_PID"; start_mlflow; started=1; fi
+  chmod 700 "$STATE"
+  local need_ray=1 need_mlflow=1
+  if ray_alive; then need_ray=0; echo "Ray head already running (pid $(cat "$RAY_PID"))"; fi
+  if mlflow_alive; then need_mlflow=0; echo "MLflow server already running (pid $(cat "$MLFLOW_PID"))"; fi
+  # Every port is checked before anything starts, so a conflict leaves nothing behind.
+  if (( need_ray )); then check_port "$RAY_PORT" LINREP_RAY_PORT; check_port "$DASH_PORT" LINREP_DASHBOARD_PORT; fi
+  if (( need_mlflow )); then check_port "$MLFLOW_PORT" LINREP_MLFLOW_PORT; fi
+  trap 'echo "cluster.sh: up failed; stopping what it started" >&2; stop_started' ERR
+  if (( need_ray )); then stop_ray_quietly; STARTED+=(ray); start_ray; fi
+  if (( need_mlflow )); then rm -f "$MLFLOW_PID"; STARTED+=(mlflow); start_mlflow; fi
   wait_ready
   write_env_file
-  if [[ $started == 0 ]]; then echo "already up: nothing to start"; fi
+  trap - ERR
+  if (( ! need_ray && ! need_mlflow )); then echo "already up: nothing to start"; fi
   print_usage_hint
 }
 
@@ -189,6 +205,7 @@ stop_ray_quietly() {  # before a fresh start: leftovers of a crashed head
 
 cmd_down() {
   [[ -x "$PY" ]] || die "no Python at '$PY' (set LINREP_PYTHON)"
+  if [[ ! -d "$STATE" ]]; then echo "not up (no state dir $STATE)"; return 0; fi
   stop_one "MLflow server" "$MLFLOW_PID" mlflow_alive
   stop_one "Ray head" "$RAY_PID" ray_alive
   if [[ -f "$RAY_TMP_FILE" ]]; then
@@ -210,6 +227,7 @@ cmd_down() {
 cmd_status() {
   [[ -x "$PY" ]] || die "no Python at '$PY' (set LINREP_PYTHON)"
   local up=0 pids=()
+  if [[ ! -d "$STATE" ]]; then echo "not up (no state dir $STATE)"; exit 3; fi
   if ray_alive; then
     echo "Ray head: running, pid $(cat "$RAY_PID"), Jobs API http://$HOST:$DASH_PORT"
     up=$((up + 1)); pids+=("$(cat "$RAY_PID")")
@@ -218,7 +236,7 @@ cmd_status() {
     echo "MLflow server: running, pid $(cat "$MLFLOW_PID"), http://$HOST:$MLFLOW_PORT"
     up=$((up + 1)); pids+=("$(cat "$MLFLOW_PID")")
   else echo "MLflow server: stopped"; fi
-  if (( ${#pids[@]} )); then
+  if (( up )); then
     echo "listening sockets:"
     "${LIB[@]}" listeners "${pids[@]}"
   fi

@@ -1,0 +1,384 @@
+"""WebDataset loaders, built inside each Ray Train worker.
+
+Training (``make_train_loader``): every rank reads only its own shards (shards split by rank,
+then by data-loader worker; when there are fewer shards than parts, every part reads all of them
+but keeps a disjoint stride of samples). Each worker cycles through its shards forever in a
+seeded order (a fresh permutation per pass), shuffles samples in a buffer, decodes, batches
+inside the pipeline, and stops after its share of ``num_batches`` (``DataPipeline.with_epoch``):
+every rank yields EXACTLY ``num_batches`` batches, which DDP/ZeRO need (unequal counts hang).
+
+Evaluation (``make_eval_loader``): one process, the split's shards in manifest order.
+
+Corrupt data: ``on_error="raise"`` raises a one-line ``RuntimeFault`` naming the shard and the
+sample key; ``"skip"`` drops the sample (or the rest of a truncated shard) and counts it in the
+loader's ``skipped`` (a ``SkipCounter``).
+
+Batches: ``{"image": float32 [B,C,H,W] in [0,1], "factors": float32 [B,F], "cls": int64 [B],
+"key": list[str], "index": int64 [B]}`` (index = int(key) when numeric, else -1).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import tarfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from trainer.config import DataConfig
+from trainer.data.shards import Manifest, shard_urls
+from trainer.errors import RuntimeFault, UserError
+
+Transform = Callable[[Image.Image], Any]
+ON_ERROR = ("raise", "skip")
+
+
+# ---- which samples a reader sees -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardSlice:
+    """Part of one shard: its first ``limit`` samples, then every ``stride``-th from ``offset``."""
+
+    url: str
+    limit: int | None = None
+    stride: int = 1
+    offset: int = 0
+    shard_samples: int | None = None  # samples in the whole shard (from the manifest), if known
+
+    def keeps(self, position: int) -> bool:
+        return position % self.stride == self.offset
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples this slice yields, when the shard's size is known."""
+        if self.shard_samples is None:
+            return None
+        n = self.shard_samples if self.limit is None else min(self.limit, self.shard_samples)
+        return max(0, -(-(n - self.offset) // self.stride))
+
+
+def split_slices(slices: list[ShardSlice], part: int, parts: int) -> list[ShardSlice]:
+    """Disjoint share ``part`` of ``parts``: whole shards when there are enough, else strides."""
+    if parts <= 1:
+        return list(slices)
+    if len(slices) >= parts:
+        return slices[part::parts]
+    return [replace(s, stride=s.stride * parts, offset=s.offset + s.stride * part) for s in slices]
+
+
+def training_slices(manifest: Manifest, root: Path, max_samples: int | None = None,
+                    split: str = "train") -> list[ShardSlice]:
+    """The split's shards, cut to the first ``max_samples`` samples (whole shards, then a limit)."""
+    slices = []
+    remaining = max_samples
+    for url, info in zip(shard_urls(root, manifest, split), manifest.shards(split)):
+        if remaining is not None and remaining <= 0:
+            break
+        limit = None if remaining is None or remaining >= info.num_samples else remaining
+        slices.append(ShardSlice(url, limit, shard_samples=info.num_samples))
+        if remaining is not None:
+            remaining -= info.num_samples
+    return slices
+
+
+def epoch_batches(manifest: Manifest, split: str, batch_size: int, world_size: int,
+                  max_samples: int | None = None) -> int:
+    """Batches per rank in one pass over the split (``batch_size`` per rank; at least 1)."""
+    n = manifest.split_samples(split)
+    if max_samples is not None:
+        n = min(n, max_samples)
+    return max(1, n // (batch_size * world_size))
+
+
+# ---- skipping ---------------------------------------------------------------------------------------
+@dataclass
+class SkipCounter:
+    """Samples skipped as corrupt so far (``on_error="skip"``), with the first few reasons."""
+
+    count: int = 0
+    reasons: list[str] = field(default_factory=list)
+    keep: int = 20
+
+    def add(self, count: int, reasons: Iterable[str] = ()) -> None:
+        self.count += count
+        for r in reasons:
+            if len(self.reasons) < self.keep:
+                self.reasons.append(r)
+
+
+class _Fault:
+    """Per-reader error policy: raise a one-line RuntimeFault, or count and go on."""
+
+    def __init__(self, on_error: str):
+        if on_error not in ON_ERROR:
+            raise UserError(f"on_error={on_error!r}: expected raise or skip")
+        self.skip = on_error == "skip"
+        self.pending = SkipCounter()
+
+    def __call__(self, message: str) -> None:
+        if not self.skip:
+            raise RuntimeFault(message)
+        self.pending.add(1, [message])
+
+    def take(self) -> tuple[int, list[str]]:
+        count, reasons = self.pending.count, self.pending.reasons
+        self.pending = SkipCounter()
+        return count, reasons
+
+
+# ---- reading and decoding ---------------------------------------------------------------------------
+def read_slice(sl: ShardSlice, fault: _Fault) -> Iterator[dict]:
+    """Raw samples (bytes per field, plus __key__/__url__) of one shard slice, in shard order."""
+    where = {"key": "<start>"}  # key of the last file read whole: the corruption follows it
+
+    def files(fh) -> Iterator[dict]:
+        for f in tar_file_iterator(fh):
+            where["key"] = base_plus_ext(f["fname"])[0] or f["fname"]
+            yield {**f, "__url__": sl.url}
+
+    try:
+        with open(sl.url, "rb") as fh:
+            for position, sample in enumerate(group_by_keys(files(fh))):
+                if sl.limit is not None and position >= sl.limit:
+                    return
+                if sl.keeps(position):
+                    yield sample
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        fault(f"shard {sl.url}: corrupt tar after sample {where['key']} ({err.__class__.__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else 'no detail'})")
+
+
+def _cycle(slices: list[ShardSlice], rng: random.Random, fault: _Fault) -> Iterator[dict]:
+    """Raw samples of the slices forever: a fresh seeded permutation of the slices per pass."""
+    while True:
+        order = list(slices)
+        rng.shuffle(order)
+        produced = False
+        for sl in order:
+            for sample in read_slice(sl, fault):
+                produced = True
+                yield sample
+        if not produced:
+            raise RuntimeFault(f"no readable samples in {len(slices)} shard(s), e.g. {slices[0].url}")
+
+
+def _to_chw(out: Any) -> torch.Tensor:
+    """A transform's output (tensor CHW, or ndarray HW/HWC) -> float32 CHW tensor."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    arr = np.asarray(out)
+    scale = 255.0 if arr.dtype == np.uint8 else 1.0
+    arr = arr.astype(np.float32) / scale
+    return torch.from_numpy(arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+class SampleDecoder:
+    """Raw shard sample -> {image, factors, cls, key, index}; problems go to the fault policy."""
+
+    def __init__(self, manifest: Manifest, image_size: int, transform: Transform | None = None):
+        self.field = manifest.image_format
+        self.mode = "L" if manifest.channels == 1 else "RGB"
+        self.size = image_size
+        self.transform = transform
+
+    def image(self, data: bytes) -> torch.Tensor:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # PIL decodes lazily: force errors to surface here
+            img = img.convert(self.mode)
+        if self.transform is not None:
+            return _to_chw(self.transform(img))
+        if img.size != (self.size, self.size):
+            img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+        return _to_chw(np.asarray(img))
+
+    def __call__(self, sample: dict) -> dict:
+        key = sample["__key__"]
+        factors = np.load(io.BytesIO(sample["factors.npy"]), allow_pickle=False)
+        return {"image": self.image(sample[self.field]),
+                "factors": torch.from_numpy(np.asarray(factors, dtype=np.float32).reshape(-1)),
+                "cls": int(sample["cls"]), "key": key, "index": int(key) if key.isdigit() else -1}
+
+
+def _decode_stage(samples: Iterator[dict], decoder: SampleDecoder, fault: _Fault) -> Iterator[dict]:
+    for sample in samples:
+        try:
+            yield decoder(sample)
+        except Exception as err:  # any undecodable field of any sample: PIL, numpy, KeyError, ...
+            fault(f"shard {sample.get('__url__')}: sample {sample.get('__key__')}: undecodable "
+                  f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})")
+
+
+def collate(samples: list[dict]) -> dict:
+    return {"image": torch.stack([s["image"] for s in samples]),
+            "factors": torch.stack([s["factors"] for s in samples]),
+            "cls": torch.tensor([s["cls"] for s in samples], dtype=torch.int64),
+            "key": [s["key"] for s in samples],
+            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64)}
+
+
+def _with_skips(fault: _Fault) -> Callable[[list[dict]], dict]:
+    """Collate and attach the skips since the previous batch (they cross the worker boundary)."""
+    def collate_counting(samples: list[dict]) -> dict:
+        batch = collate(samples)
+        batch["skipped"], batch["skip_reasons"] = fault.take()
+        return batch
+    return collate_counting
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+# ---- training ----------------------------------------------------------------------------------------
+class _TrainStream(torch.utils.data.IterableDataset):
+    """One rank's stream; each DataLoader worker builds its own WebDataset pipeline."""
+
+    def __init__(self, slices: list[ShardSlice], decoder: SampleDecoder, *, batch_size: int, shuffle_buffer: int,
+                 seed: int, epoch: int, rank: int, num_batches: int, on_error: str):
+        super().__init__()
+        self.slices, self.decoder, self.batch_size = slices, decoder, batch_size
+        self.shuffle_buffer, self.seed, self.epoch, self.rank = shuffle_buffer, seed, epoch, rank
+        self.num_batches, self.on_error = num_batches, on_error
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        quota = self.num_batches // workers + (worker < self.num_batches % workers)
+        if quota == 0:
+            return iter(())
+        fault = _Fault(self.on_error)
+        seed = _seed(self.seed, self.epoch, self.rank, worker)
+        mine = split_slices(self.slices, worker, workers)
+        stages: list[Any] = [lambda: _cycle(mine, random.Random(seed), fault)]
+        buffer = _buffer_size(self.shuffle_buffer, mine)
+        if buffer > 1:
+            # Shuffle raw bytes (cheap to hold), before decoding.
+            stages.append(wds.shuffle(buffer, initial=buffer, rng=random.Random(seed + 1)))
+        stages += [lambda src: _decode_stage(src, self.decoder, fault),
+                   wds.batched(self.batch_size, collation_fn=_with_skips(fault), partial=False)]
+        return iter(wds.DataPipeline(*stages).with_epoch(nbatches=quota))
+
+
+def _buffer_size(requested: int, slices: list[ShardSlice]) -> int:
+    """No bigger than one pass over the slices: a larger buffer would hold repeats of a sample."""
+    counts = [s.num_samples for s in slices]
+    return requested if None in counts else min(requested, sum(counts))
+
+
+class TrainLoader:
+    """Exactly ``num_batches`` batches per iteration; ``skipped`` counts corrupt samples."""
+
+    def __init__(self, dataset: _TrainStream, workers: int, num_batches: int):
+        self.dataset, self.workers, self.num_batches = dataset, workers, num_batches
+        self.skipped = SkipCounter()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=self.workers,
+                                             persistent_workers=False)
+        batches = iter(loader)
+        try:
+            yield from _count_skips(batches, self.skipped)
+        finally:
+            # Stop worker processes now, not when a traceback holding this frame is collected.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def _count_skips(batches: Iterable[dict], counter: SkipCounter) -> Iterator[dict]:
+    message = None
+    try:
+        for batch in batches:
+            counter.add(batch.pop("skipped"), batch.pop("skip_reasons"))
+            yield batch
+    except RuntimeFault as err:
+        # DataLoader re-raises worker errors with the worker's traceback in the message: keep the line.
+        message = _last_line(str(err))
+    if message is not None:
+        raise RuntimeFault(message)  # outside `except`: no chained traceback to print or keep alive
+
+
+def _last_line(message: str) -> str:
+    marker = "RuntimeFault: "
+    lines = [ln for ln in message.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if marker in line:
+            return line.split(marker, 1)[1]
+    return lines[-1] if lines else message
+
+
+def _root(data: DataConfig, manifest: Manifest) -> Path:
+    root = manifest.root or (Path(data.root) if data.root else None)
+    if root is None:
+        raise UserError("data.root is not set and the manifest was not loaded from a folder")
+    return Path(root)
+
+
+def make_train_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size: int, batch_size: int,
+                      seed: int, epoch: int, num_batches: int, on_error: str | None = None,
+                      transform: Transform | None = None, split: str = "train") -> TrainLoader:
+    """This rank's training batches for one epoch: exactly ``num_batches`` of ``batch_size``.
+
+    Reads only this rank's shards (``rank``/``world_size``), split again over
+    ``data.loader_workers`` processes; shuffled in a ``data.shuffle_buffer`` seeded by
+    seed, epoch and rank; ``data.max_samples`` keeps only the first samples of the split.
+    ``on_error`` ("raise" | "skip") defaults to ``data.on_error``; ``transform`` replaces the
+    resize to ``data.image_size`` (it gets the decoded PIL image, returns a CHW tensor or HW(C) array).
+    """
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank={rank} is outside world_size={world_size}")
+    if (on_error or data.on_error) not in ON_ERROR:
+        raise UserError(f"on_error={on_error!r}: expected raise or skip")
+    slices = training_slices(manifest, _root(data, manifest), data.max_samples, split)
+    if not slices:
+        raise UserError(f"{manifest.dataset}: split '{split}' has no shards")
+    mine = split_slices(slices, rank, world_size)
+    decoder = SampleDecoder(manifest, data.image_size, transform)
+    stream = _TrainStream(mine, decoder, batch_size=batch_size, shuffle_buffer=data.shuffle_buffer, seed=seed,
+                          epoch=epoch, rank=rank, num_batches=num_batches, on_error=on_error or data.on_error)
+    return TrainLoader(stream, data.loader_workers, num_batches)
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+class EvalLoader:
+    """All samples of a split in shard order (the last batch may be short); re-iterable."""
+
+    def __init__(self, slices: list[ShardSlice], decoder: SampleDecoder, batch_size: int, on_error: str,
+                 num_samples: int):
+        self.slices, self.decoder, self.batch_size, self.on_error = slices, decoder, batch_size, on_error
+        self.num_samples = num_samples
+        self.skipped = SkipCounter()
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        fault = _Fault(self.on_error)
+        pipeline = wds.DataPipeline(
+            lambda: (s for sl in self.slices for s in read_slice(sl, fault)),
+            lambda src: _decode_stage(src, self.decoder, fault),
+            wds.batched(self.batch_size, collation_fn=_with_skips(fault), partial=True))
+        yield from _count_skips(pipeline, self.skipped)
+
+
+def make_eval_loader(data: DataConfig, manifest: Manifest, split: str, *, batch_size: int,
+                     max_samples: int | None = None, transform: Transform | None = None) -> EvalLoader:
+    """A split's samples in order, in one process (probes, validation)."""
+    slices = training_slices(manifest, _root(data, manifest), max_samples, split)
+    n = manifest.split_samples(split) if max_samples is None else min(max_samples, manifest.split_samples(split))
+    decoder = SampleDecoder(manifest, data.image_size, transform)
+    return EvalLoader(slices, decoder, batch_size, data.on_error, n)
