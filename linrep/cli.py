@@ -73,6 +73,12 @@ def cmd_probe(args) -> int:
         return cli_main(args.rest)
     if args.rest:
         raise UserError(f"unexpected arguments after the run id: {' '.join(args.rest)}")
+    if "/" in args.target or Path(args.target).exists():  # a checkpoint folder: probe it, print
+        from probes.actor import probe_checkpoint
+
+        step, figures = probe_checkpoint(Path(args.target))
+        print(f"checkpoint {args.target} (step {step}):\n" + format_figures(figures))
+        return 0
     from probes.pipeline import reprobe_run
 
     uri = resolve_uri(TrackingConfig(uri=args.tracking_uri))
@@ -148,10 +154,17 @@ def cmd_bench(args) -> int:
     return bench_cli(args)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2) naming the offending argument."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="linrep", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="linrep", description=__doc__.split("\n\n")[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     t = sub.add_parser("train", help="train a preset or config file through Ray Train, with probes")
     t.add_argument("config", help="preset name (linrep presets) or YAML file")
@@ -159,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     t.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("probe", help="re-probe every checkpoint of a run, or `probe imagenetx ...`")
-    pr.add_argument("target", help="an MLflow run id, or 'imagenetx'")
+    pr = sub.add_parser("probe", help="re-probe every checkpoint of a run, one checkpoint, or `probe imagenetx ...`")
+    pr.add_argument("target", help="an MLflow run id, a checkpoint folder, or 'imagenetx'")
     pr.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of `probe imagenetx` (see --help there)")
     pr.add_argument("--tracking-uri", default=None)
     pr.add_argument("--no-log", action="store_true", help="print only, do not log to MLflow")
@@ -175,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list presets").set_defaults(func=cmd_presets)
 
     d = sub.add_parser("data", help="write WebDataset shards + manifest.json")
-    dsub = d.add_subparsers(dest="kind", required=True)
+    dsub = d.add_subparsers(dest="kind", required=True, parser_class=OneLineParser)
     ds = dsub.add_parser("dsprites", help="render the full dSprites grid procedurally")
     ds.add_argument("--limit", type=int, default=None, help="a seeded random subset of N grid images")
     dc = dsub.add_parser("convert", help="convert official DisLib files")

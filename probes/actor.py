@@ -17,6 +17,8 @@ from trainer.checkpoint import load_classifier
 from trainer.config import Config
 
 _PROBES: dict[str, Callable[..., dict[str, float]]] = {}
+# The figure that ranks checkpoints for retention (higher is better).
+BEST_METRIC = {"synthetic": "probe/r2_affine", "dislib": "val/acc", "imagenet": "val/acc"}
 
 
 def register_probe(family: str):
@@ -56,11 +58,11 @@ def _imagenet(model, cfg: Config, meta: dict, state: dict) -> dict[str, float]:
     return imagenet_checkpoint_figures(model, cfg, state)
 
 
-def probe_checkpoint(path: str | Path, state: dict | None = None, device: str = "cpu") -> tuple[int, dict[str, float]]:
-    """(step, figures) of one checkpoint directory."""
+def probe_checkpoint(path: str | Path, state: dict | None = None, device: str = "cpu", with_config: bool = False):
+    """(step, figures) of one checkpoint directory (+ its config with with_config)."""
     model, cfg, meta = load_classifier(Path(path), device)
     figures = _PROBES[probe_family(cfg)](model, cfg, meta, state if state is not None else {})
-    return meta["step"], figures
+    return (meta["step"], figures, cfg) if with_config else (meta["step"], figures)
 
 
 class _ProbeActor:
@@ -71,6 +73,7 @@ class _ProbeActor:
         self.uri, self.run_id = tracking_uri, run_id
         self.state: dict[str, Any] = {}
         self.results: dict[int, dict[str, float]] = {}
+        self.scores: dict[int, float] = {}  # step -> the retention metric
         self._latest: dict[str, float] = {}
         self.logger = None
         if tracking_uri and run_id:
@@ -80,19 +83,40 @@ class _ProbeActor:
             self._resume_keys_loaded = False
 
     def probe(self, path: str, step: int) -> dict[str, float]:
+        """Probe, log, then apply retention. A probe that fails is reported, never raised:
+        training must not be failed by a probe."""
         t0 = time.perf_counter()
-        _, figures = probe_checkpoint(path, self.state)
+        try:
+            _, figures, cfg = probe_checkpoint(path, self.state, with_config=True)
+        except Exception as err:
+            print(f"warning: probe of {path} failed: {err.__class__.__name__}: {str(err)[:200]}", flush=True)
+            return {}
         figures["probe/seconds"] = time.perf_counter() - t0
         if self.logger:
             if not self._resume_keys_loaded:  # after a restart or a resumed run: skip logged steps
                 self.logger.resume_from(list(figures))
+                self._load_scores(BEST_METRIC[probe_family(cfg)])
                 self._resume_keys_loaded = True
             self.logger.log(figures, step)
             self.logger.flush()
             self._log_artifacts(step)
         self.results[step] = figures
         self._latest = {**figures, "step": step}
+        self._retain(Path(path).parent, cfg, step, figures)
         return figures
+
+    def _retain(self, run_dir: Path, cfg: Config, step: int, figures: dict[str, float]) -> None:
+        """Keep the last run.keep_checkpoints checkpoints plus the best by the family's probe metric."""
+        from trainer.checkpoint import prune_checkpoints
+
+        key = BEST_METRIC[probe_family(cfg)]
+        if key in figures:
+            self.scores[step] = figures[key]
+        best = max(self.scores, key=self.scores.get) if self.scores else None
+        try:
+            prune_checkpoints(run_dir, cfg.run.keep_checkpoints, best)
+        except OSError as err:
+            print(f"warning: checkpoint retention failed: {err}", flush=True)
 
     def _log_artifacts(self, step: int) -> None:
         """Tables a probe left in state["artifacts"], under probes/step_<step>/ on the run."""
@@ -103,6 +127,14 @@ class _ProbeActor:
                 log_text(self.uri, self.run_id, text, f"probes/step_{step:08d}/{name}")
             except Exception as err:  # a tracking hiccup must not fail the probe
                 print(f"warning: could not log probe artifact {name}: {err.__class__.__name__}", flush=True)
+
+    def _load_scores(self, key: str) -> None:
+        from trainer.tracking import metric_history
+
+        try:
+            self.scores.update(dict(metric_history(self.uri, self.run_id, key)))
+        except Exception:
+            pass
 
     def latest(self) -> dict[str, float]:
         return self._latest
@@ -123,8 +155,11 @@ def start_probe_actor(tracking_uri: str | None, run_id: str | None, cfg: Config,
     """The probe actor of one run, with its own CPU/GPU share (probe.actor_cpus / actor_gpus)."""
     import ray
 
+    from trainer.tracking import FAST_FAIL_ENV
+
     cls = ray.remote(max_restarts=-1, max_task_retries=-1)(_ProbeActor)
-    opts: dict[str, Any] = dict(num_cpus=cfg.probe.actor_cpus, num_gpus=cfg.probe.actor_gpus)
+    opts: dict[str, Any] = dict(num_cpus=cfg.probe.actor_cpus, num_gpus=cfg.probe.actor_gpus,
+                                runtime_env={"env_vars": dict(FAST_FAIL_ENV)})
     if name:
         opts["name"] = name
     threads = max(1, int(cfg.probe.actor_cpus)) if cfg.probe.actor_cpus >= 1 else 1

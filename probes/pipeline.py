@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,19 +51,37 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
     try:
         result = fit(handle, probe_actor=actor, callbacks=callbacks)
         if result.error:
-            raise RuntimeFault(f"training run {handle.run_key} failed: {result.error.splitlines()[0][:200]}")
+            raise RuntimeFault(f"training run {handle.run_key} failed: {root_cause(result.error)}")
         history = ray.get(actor.drain.remote()) if actor else {}
         status = "FINISHED"
     finally:
         if handle.run_id:
-            tracking.end_run(handle.tracking_uri, handle.run_id, status)
+            try:
+                tracking.end_run(handle.tracking_uri, handle.run_id, status)
+            except Exception as err:  # a tracking outage must not hide the training outcome
+                print(f"warning: could not mark MLflow run {handle.run_id} {status}: {err.__class__.__name__}",
+                      file=sys.stderr)
         if actor is not None:
             ray.kill(actor)
     final = dict(history[max(history)]) if history else {}
     if not final and handle.run_id:  # a rerun of a finished run: figures are already in MLflow
-        final = {k: v for k, v in tracking.latest_metrics(handle.tracking_uri, handle.run_id).items()
-                 if k.startswith("probe/")}
+        try:
+            final = {k: v for k, v in tracking.latest_metrics(handle.tracking_uri, handle.run_id).items()
+                     if k.startswith(("probe/", "val/"))}
+        except Exception:
+            final = {}
     return Outcome(handle.run_key, handle.run_id, handle.tracking_uri, handle.run_dir, final, history)
+
+
+def root_cause(error: str) -> str:
+    """The line of a Ray error that names the cause (our own one-line faults first)."""
+    lines = [l.strip() for l in error.splitlines() if l.strip()]
+    for marker in ("RuntimeFault: ", "UserError: ", "ConfigError: "):
+        hits = [l for l in lines if marker in l]
+        if hits:
+            return hits[-1].split(marker, 1)[1][:300]
+    errors = [l for l in lines if l.split(":")[0].endswith(("Error", "Exception"))]
+    return (errors[-1] if errors else lines[0] if lines else "unknown error")[:300]
 
 
 def queue_unprobed(handle: RunHandle, actor) -> list[int]:

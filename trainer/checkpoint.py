@@ -132,3 +132,31 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a Ray Train run folder, by step."""
     found = [p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and is_complete(p)]
     return sorted(found, key=lambda p: read_meta(p)["step"])
+
+
+PRUNED_MARKER = "PRUNED"
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None = None) -> list[int]:
+    """Retention: keep the last `keep_last` complete checkpoints and the best one; empty the others.
+
+    A pruned folder keeps only a PRUNED marker: Ray Train's run snapshot still lists it (deleting
+    it would make the run unresumable), but it is no longer complete, so it is never resumed from
+    or probed. Returns the steps pruned.
+    """
+    ckpts = list_checkpoints(run_dir)
+    steps = [read_meta(p)["step"] for p in ckpts]
+    keep = set(steps[-keep_last:]) | ({best_step} if best_step is not None else set())
+    pruned = []
+    for path, step in zip(ckpts, steps):
+        if step in keep:
+            continue
+        (path / META_FILE).unlink(missing_ok=True)  # first: the folder stops being complete
+        for child in sorted(path.rglob("*"), reverse=True):
+            if child.is_file() or child.is_symlink():
+                child.unlink()
+            elif child.is_dir():
+                child.rmdir()
+        (path / PRUNED_MARKER).write_text(f"pruned by linrep retention (step {step})\n")
+        pruned.append(step)
+    return pruned

@@ -43,8 +43,25 @@ class RunResult:
     error: str | None = None
 
 
+def preflight(cfg: Config) -> None:
+    """Checks that need files, before Ray starts: the shard folder, its manifest, the label scheme
+    and every training shard's sha256 (cached after the first pass)."""
+    if cfg.is_synthetic:
+        return
+    from trainer.data.integrity import verified
+    from trainer.data.labels import create_label_scheme
+    from trainer.data.shards import load_manifest
+
+    manifest = load_manifest(Path(cfg.data.root))
+    create_label_scheme(cfg.data, manifest, cfg.data_seed)
+    if "val" not in manifest.splits:
+        raise UserError(f"data.root={cfg.data.root}: the manifest has no 'val' split for probes and val/acc")
+    verified(manifest, "train", cfg.data.on_error)
+
+
 def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str | None = None) -> RunHandle:
-    """Name the run, open its MLflow run (reused on resume) and fix its storage folder."""
+    """Preflight, then name the run, open its MLflow run (reused on resume) and fix its storage folder."""
+    preflight(cfg)
     run_key = cfg.run_name()
     if not cfg.run.resume:
         run_key = f"{run_key}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -105,7 +122,8 @@ def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | N
 
 
 def _worker_env() -> dict[str, str]:
-    env = {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    env = {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+           **tracking.FAST_FAIL_ENV}
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     return env

@@ -187,6 +187,8 @@ class MetricLogger:
         self._last_flush = time.monotonic()
         self._warned = False
         self._client = None
+        self._backoff_s = 0.0        # grows while the store is unreachable: training is never held up
+        self._next_try = 0.0
 
     @property
     def client(self):
@@ -218,35 +220,48 @@ class MetricLogger:
         if time.monotonic() - self._last_flush > self.flush_every_s:
             self.flush()
 
-    def flush(self) -> bool:
-        """Write the buffer; on failure keep it for the next try and warn once."""
-        self._last_flush = time.monotonic()
+    def flush(self, force: bool = False) -> bool:
+        """Write the buffer; on failure keep it, warn once, and back off (10 s doubling to 5 min)."""
+        now = time.monotonic()
+        self._last_flush = now
         if not self.buffer:
             return True
+        if not force and now < self._next_try:
+            return False
         from mlflow.entities import Metric
 
         try:
-            for i in range(0, len(self.buffer), 1000):
-                chunk = self.buffer[i:i + 1000]
+            while self.buffer:
+                chunk = self.buffer[:1000]
                 self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in chunk])
+                del self.buffer[:len(chunk)]
         except Exception as err:
+            self._backoff_s = min(300.0, max(10.0, 2 * self._backoff_s))
+            self._next_try = time.monotonic() + self._backoff_s
             if not self._warned:
                 print(f"warning: MLflow write failed ({err.__class__.__name__}); buffering "
                       f"{len(self.buffer)} metric values and retrying", file=sys.stderr, flush=True)
                 self._warned = True
             return False
-        self.buffer.clear()
+        if self._warned:
+            print("MLflow writes resumed; buffered metrics written", file=sys.stderr, flush=True)
         self._warned = False
+        self._backoff_s = 0.0
         return True
 
     def close(self, retries: int = 3, wait_s: float = 2.0) -> None:
         for attempt in range(retries):
-            if self.flush():
+            if self.flush(force=True):
                 break
             time.sleep(wait_s)
         if self.buffer or self.dropped:
             print(f"warning: {len(self.buffer) + self.dropped} metric values could not be written to "
                   f"MLflow ({redact(self.uri)}) and were dropped", file=sys.stderr, flush=True)
+
+
+# Fail fast against an unreachable tracking server (MLflow's defaults retry for minutes).
+FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def scrub_env_secrets(text: str) -> str:

@@ -199,8 +199,10 @@ def _find_file(src: Path, name: str) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
-def detect_layout(src: Path) -> Layout:
-    """Find train/ and val/ and how validation labels are given; UserError says what is missing."""
+def detect_layout(src: Path, labels_dir: Path | None = None) -> Layout:
+    """Find train/ and val/ and how validation labels are given; UserError says what is missing.
+
+    labels_dir: another folder holding LOC_val_solution.csv or the devkit files (searched first)."""
     src = Path(src)
     if not src.is_dir():
         raise UserError(f"ImageNet source {src} is not a directory")
@@ -212,11 +214,15 @@ def detect_layout(src: Path) -> Layout:
         raise UserError(f"ImageNet source {src}: no val/ folder (val/<wnid>/*.JPEG or flat val/*.JPEG)")
     if any(_WNID.match(d) for d in _subdirs(data_root / "val")):
         return Layout(data_root, "folders")
-    kaggle = _find_file(src, KAGGLE_VAL_SOLUTION)
+    bases = ([Path(labels_dir)] if labels_dir else []) + [src]
+
+    def find(name: str) -> Path | None:
+        return next((p for p in (_find_file(b, name) for b in bases if b.is_dir()) if p), None)
+
+    kaggle = find(KAGGLE_VAL_SOLUTION)
     if kaggle is not None:
         return Layout(data_root, "kaggle", label_file=kaggle)
-    truth = _find_file(src, DEVKIT_GROUND_TRUTH)
-    meta = _find_file(src, DEVKIT_META)
+    truth, meta = find(DEVKIT_GROUND_TRUTH), find(DEVKIT_META)
     if truth is not None and meta is not None:
         return Layout(data_root, "devkit", label_file=truth, meta_file=meta)
     missing = DEVKIT_META if truth is not None else DEVKIT_GROUND_TRUTH
@@ -398,13 +404,15 @@ def _write_items(out_dir: Path, data_root: Path, items: list[Item]) -> Path:
 
 
 def convert_imagenet(src: Path, out_dir: Path, *, samples_per_shard: int = 1000, processes: int = 2,
-                     classes_from: str = "standard", seed: int = 0, progress: bool = True) -> Manifest:
+                     classes_from: str = "standard", seed: int = 0, labels_dir: Path | None = None,
+                     progress: bool = True) -> Manifest:
     """Write train/val WebDataset shards + manifest.json for an ImageNet folder tree.
 
     Resumable: rerunning with the same source and settings keeps finished shards. Corrupt images
-    are skipped and reported (stderr + manifest). Returns the manifest written to out_dir."""
+    are skipped and reported (stderr + manifest). `labels_dir`: where the devkit / Kaggle validation
+    label files are, if not under src. Returns the manifest written to out_dir."""
     src, out_dir = Path(src), Path(out_dir)
-    layout = detect_layout(src)
+    layout = detect_layout(src, labels_dir)
     wnids, names = class_order(layout.data_root, classes_from)
     items = list_items(layout, wnids, seed=seed)
     for split, split_items in items.items():

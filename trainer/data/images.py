@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from trainer.config import Config
+from trainer.data.integrity import verified
 from trainer.data.labels import create_label_scheme
 from trainer.data.shards import load_manifest
 from trainer.data.stream import SkipCounter, epoch_batches, make_train_loader
@@ -28,7 +29,8 @@ class ImageTrainData:
 
     def __init__(self, cfg: Config, rank: int, world_size: int, device: torch.device):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        self.manifest = load_manifest(cfg.data.root)
+        # corrupt shards stop the run here (or are dropped and counted with data.on_error=skip)
+        self.manifest, skipped_at_start = verified(load_manifest(cfg.data.root), "train", cfg.data.on_error)
         self.labels = create_label_scheme(cfg.data, self.manifest, cfg.data_seed)
         self.num_outputs = self.labels.num_classes
         self.spec = InputSpec(channels=self.manifest.channels, size=cfg.data.image_size)
@@ -38,6 +40,7 @@ class ImageTrainData:
         self.transform = imagenet_train_transform(cfg.data.image_size) if cfg.data.dataset == "imagenet" else None
         self.mixup = self._make_mixup()
         self.skipped = SkipCounter()  # finished epochs; the running loader counts its own
+        self.skipped.add(skipped_at_start)
         self._loader = None
         self.epoch = 0
 

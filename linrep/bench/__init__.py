@@ -1,0 +1,1 @@
+"""`linrep bench` (placeholder while being written)."""

@@ -1,0 +1,253 @@
+"""Benchmark 1, time to identifiability: linrep as users run it vs a loop like the paper's public code.
+
+The figure: wall seconds from launching a training until the probe's R² z̃ -> z first stays
+>= 0.99 for three consecutive probes (the time at which the first probe of that streak reported),
+on the synthetic supervised task (d=5, |C|=100, κ=10).
+
+- linrep: `linrep train synthetic-fast` in a subprocess (a real Ray Train run with its probe
+  actor probing every checkpoint). The clock starts before the process does (interpreter start,
+  Ray start-up and the worker's set-up all count); probe times are the timestamps of the
+  `probe/r2_affine` values the actor logged to MLflow.
+- baseline: a straightforward single-process PyTorch loop written like the paper's public code
+  (cl-ica style): vMF latents sampled with numpy on the host each step (Wood's algorithm,
+  vectorised as the public `sample_vMF` is), the same generator g and cluster vectors (same data
+  seed), the paper's encoder, batch 1024, Adam 1e-3, and a probe every `probe_every` steps with
+  scikit-learn's LinearRegression on a fixed held-out sample (fit on one half, R² on the other).
+  It runs in a fresh process too (same start-up costs) and stops once it has its streak.
+
+Both use the same number of torch threads (linrep's worker's), so neither is helped or hurt by
+oversubscribing the machine's cores.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from linrep.bench.harness import (BenchContext, BenchResult, describe_machine, make_result, metric_series, median,
+                                  ratio_of, register_benchmark, run_isolated, run_overrides, runs_store, thread_env)
+
+FAST_PRESET = "synthetic-fast"
+THRESHOLD = 0.99
+STREAK = 3
+
+
+@dataclass
+class IdentSetup:
+    """Sizes of one benchmark run (the full run, or --quick)."""
+
+    preset: str = FAST_PRESET
+    linrep_overrides: list[str] = field(default_factory=list)
+    threshold: float = THRESHOLD
+    streak: int = STREAK
+    baseline_probe_every: int = 200
+    baseline_max_steps: int = 30_000
+    baseline_max_s: float = 3600.0
+    threads: int = 1
+
+
+def make_setup(quick: bool) -> IdentSetup:
+    if not quick:
+        return IdentSetup()
+    # Smoke-test sizes: a small encoder, a modest threshold, a few hundred steps.
+    small = ["model.hidden=[32,32]", "data.generator_pool=500", "probe.samples=1024"]
+    return IdentSetup(linrep_overrides=[*small, "optim.steps=150", "optim.warmup_steps=10", "run.checkpoint_every=25",
+                                        "run.log_every=25"],
+                      threshold=0.75, baseline_probe_every=25, baseline_max_steps=300, baseline_max_s=60.0)
+
+
+def first_streak(points: list[tuple[int, float, float]], threshold: float, length: int):
+    """(step, value, time) of the first probe that starts `length` consecutive values >= threshold."""
+    for i in range(len(points) - length + 1):
+        if all(v >= threshold for _, v, _ in points[i:i + length]):
+            return points[i]
+    return None
+
+
+# ---- the baseline: a loop like the paper's public code --------------------------------------------
+def numpy_vmf(mu, kappa: float, rng):
+    """vMF samples around the rows of mu [n, d] (Wood 1994), vectorised numpy like the public code's."""
+    import numpy as np
+
+    n, d = mu.shape
+    m = d - 1
+    b = m / (np.sqrt(4.0 * kappa**2 + m**2) + 2 * kappa)
+    x0 = (1.0 - b) / (1.0 + b)
+    c = kappa * x0 + m * np.log(1 - x0**2)
+    w = np.empty(n)
+    todo = np.arange(n)
+    while todo.size:
+        beta = rng.beta(m / 2.0, m / 2.0, size=todo.size)
+        prop = (1.0 - (1.0 + b) * beta) / (1.0 - (1.0 - b) * beta)
+        ok = kappa * prop + m * np.log(1.0 - x0 * prop) - c >= np.log(rng.uniform(size=todo.size))
+        w[todo[ok]] = prop[ok]
+        todo = todo[~ok]
+    v = rng.standard_normal((n, d))
+    v -= np.einsum("ij,ij->i", mu, v)[:, None] * mu
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return w[:, None] * mu + np.sqrt(np.clip(1.0 - w**2, 0, None))[:, None] * v
+
+
+def public_style_encoder(d: int, hidden: list[int] | None):
+    """The paper's encoder written out: Linear-BatchNorm-LeakyReLU(0.2) blocks, then Linear to d."""
+    from torch import nn
+
+    widths = [d, *(hidden or [10 * d, 50 * d, 50 * d, 50 * d, 50 * d, 10 * d])]
+    layers: list[nn.Module] = []
+    for w_in, w_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(w_in, w_out), nn.BatchNorm1d(w_out), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], d))
+
+
+def run_baseline(data: dict, hidden: list[int] | None, seed: int, setup: dict, t_launch: float) -> dict[str, Any]:
+    """The public-code-style loop (runs in its own process). Returns its probes with unix timestamps."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from sklearn.linear_model import LinearRegression
+
+    from linrep.bench.harness import limit_threads
+    from trainer.config import DataConfig
+    from trainer.data.synthetic import SyntheticDGP
+
+    limit_threads(setup["threads"])
+    t_start = time.time()
+    cfg = DataConfig(**data)
+    dgp = SyntheticDGP(cfg, seed)  # the same cluster vectors and generator g as the linrep run
+    centers = dgp.cluster_vectors.double().numpy()
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+
+    def sample(n: int):
+        cls = rng.integers(cfg.num_classes, size=n)
+        z = numpy_vmf(centers[cls], cfg.kappa, rng)
+        with torch.no_grad():
+            x = dgp.g(torch.from_numpy(z).float())
+        return x, z, torch.from_numpy(cls)
+
+    encoder = public_style_encoder(cfg.dim, hidden)
+    head = torch.nn.Linear(cfg.dim, cfg.num_classes, bias=False)
+    opt = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=setup["lr"])
+    x_te, z_te, _ = sample(setup["probe_samples"])
+    half = len(z_te) // 2
+    probes: list[tuple[int, float, float]] = []
+    t_train = time.time()
+    step = 0
+    for step in range(1, setup["max_steps"] + 1):
+        x, _, y = sample(setup["batch_size"])
+        loss = F.cross_entropy(head(encoder(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % setup["probe_every"]:
+            continue
+        encoder.eval()
+        with torch.no_grad():
+            feats = encoder(x_te).numpy()
+        encoder.train()
+        r2 = LinearRegression().fit(feats[:half], z_te[:half]).score(feats[half:], z_te[half:])
+        probes.append((step, float(r2), time.time()))
+        if step % (setup["probe_every"] * 10) == 0:
+            rate = step / (time.time() - t_train)
+            print(f"[bench identifiability] baseline step {step}: R² {r2:.4f}, {rate:.1f} steps/s",
+                  file=sys.stderr, flush=True)
+        if first_streak(probes, setup["threshold"], setup["streak"]) or time.time() - t_launch > setup["max_s"]:
+            break
+    return {"probes": probes, "steps": step, "t_start": t_start, "t_train": t_train, "t_end": time.time(),
+            "steps_per_s": step / max(time.time() - t_train, 1e-9)}
+
+
+# ---- linrep, as users run it ----------------------------------------------------------------------
+def run_linrep(ctx: BenchContext, setup: IdentSetup, uri: str) -> dict[str, Any]:
+    """`linrep train synthetic-fast` in a subprocess; probe times from the run's MLflow history."""
+    overrides = [*run_overrides(ctx, uri, "identifiability"), *setup.linrep_overrides]
+    log_path = ctx.cache / "identifiability-linrep.log"
+    env = {**os.environ, **thread_env(setup.threads), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "linrep", "train", setup.preset, *overrides]
+    t_launch = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=3600)
+    t_end = time.time()
+    text = log_path.read_text()
+    match = re.search(r"MLflow run id: (\w+)", text)
+    if proc.returncode != 0 or not match:
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        raise RuntimeError(f"linrep train failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    run_id = match.group(1)
+    probes = metric_series(uri, run_id, "probe/r2_affine")
+    sps = metric_series(uri, run_id, "train/samples_per_s")
+    first_log = min((t for _, _, t in metric_series(uri, run_id, "train/loss")), default=float("nan"))
+    from trainer.tracking import _client
+
+    info = _client(uri).get_run(run_id).info
+    return {"run_id": run_id, "probes": [(s, v, t) for s, v, t in probes], "t_launch": t_launch, "t_end": t_end,
+            "run_start": info.start_time / 1000.0, "first_train_log": first_log,
+            "samples_per_s": median(v for _, v, _ in sps[2:]) if len(sps) > 2 else median(v for _, v, _ in sps),
+            "log": str(log_path)}
+
+
+def baseline_settings(setup: IdentSetup) -> dict[str, Any]:
+    return {"threads": setup.threads, "lr": 1e-3, "batch_size": 1024, "probe_samples": 8192,
+            "probe_every": setup.baseline_probe_every, "max_steps": setup.baseline_max_steps,
+            "max_s": setup.baseline_max_s, "threshold": setup.threshold, "streak": setup.streak}
+
+
+def summarise(setup: IdentSetup, lin: dict, base: dict, t_base_launch: float) -> tuple[float, dict, dict]:
+    """The ratio, the figures and the details of one linrep run against one baseline run."""
+    lin_hit = first_streak(lin["probes"], setup.threshold, setup.streak)
+    base_hit = first_streak(base["probes"], setup.threshold, setup.streak)
+    lin_s = lin_hit[2] - lin["t_launch"] if lin_hit else float("nan")
+    base_elapsed = base["t_end"] - t_base_launch
+    base_s = base_hit[2] - t_base_launch if base_hit else float("nan")
+    # A baseline that never got there bounds the ratio from above (it would have needed longer).
+    ratio = ratio_of(lin_s, base_s if base_hit else base_elapsed)
+    figures = {"linrep_s": lin_s, "baseline_s": base_s, "linrep_steps": float(lin_hit[0]) if lin_hit else float("nan"),
+               "baseline_steps": float(base_hit[0]) if base_hit else float("nan"),
+               "linrep_startup_s": lin["first_train_log"] - lin["t_launch"],
+               "linrep_total_s": lin["t_end"] - lin["t_launch"], "baseline_total_s": base_elapsed,
+               "linrep_samples_per_s": lin["samples_per_s"],
+               "baseline_samples_per_s": base["steps_per_s"] * 1024, "speedup": ratio_of(1.0, ratio)}
+    details = {"linrep_probes": [(s, round(v, 5), round(t - lin["t_launch"], 2)) for s, v, t in lin["probes"]],
+               "baseline_probes": [(s, round(v, 5), round(t - t_base_launch, 2)) for s, v, t in base["probes"]],
+               "linrep_run_id": lin["run_id"], "linrep_log": lin["log"],
+               "baseline_reached": base_hit is not None, "linrep_reached": lin_hit is not None}
+    return ratio, figures, details
+
+
+@register_benchmark("identifiability", op="<=", target=0.2,
+                    title="time to R² z̃→z ≥ 0.99 (3 probes in a row), linrep / public-code-style loop")
+def bench_identifiability(ctx: BenchContext) -> BenchResult:
+    from trainer.config import load_config
+
+    setup = make_setup(ctx.quick)
+    uri = runs_store(ctx)
+    cfg = load_config(setup.preset, [*run_overrides(ctx, uri, "identifiability"), *setup.linrep_overrides])
+    ctx.log("identifiability", f"linrep: linrep train {setup.preset} ({cfg.optim.steps} steps, batch "
+                               f"{cfg.optim.batch_size}, lr {cfg.optim.lr:g} {cfg.optim.schedule}, probe every "
+                               f"{cfg.run.checkpoint_every} steps)")
+    lin = run_linrep(ctx, setup, uri)
+    lin_hit = first_streak(lin["probes"], setup.threshold, setup.streak)
+    ctx.log("identifiability", f"linrep: {'reached at step %d after %.1f s' % (lin_hit[0], lin_hit[2] - lin['t_launch']) if lin_hit else 'did not reach'}"
+                               f" the threshold {setup.threshold}; run took {lin['t_end'] - lin['t_launch']:.1f} s")
+    ctx.log("identifiability", f"baseline: public-code-style loop (numpy vMF on the host, batch 1024, Adam 1e-3, "
+                               f"sklearn probe every {setup.baseline_probe_every} steps, up to "
+                               f"{setup.baseline_max_steps} steps / {setup.baseline_max_s:.0f} s)")
+    t_launch = time.time()
+    base = run_isolated(run_baseline, data=cfg.data.model_dump(), hidden=cfg.model.hidden, seed=cfg.data_seed,
+                        setup=baseline_settings(setup), t_launch=t_launch, timeout_s=setup.baseline_max_s + 600)
+    ratio, figures, details = summarise(setup, lin, base, t_launch)
+    details.update({"preset": setup.preset, "overrides": setup.linrep_overrides, "threshold": setup.threshold,
+                    "streak": setup.streak, "threads": setup.threads, "linrep_config": cfg.to_dict(),
+                    "baseline": baseline_settings(setup)})
+    bound = "" if details["baseline_reached"] else " (baseline never reached it: an upper bound)"
+    summary = (f"R² z̃→z ≥ {setup.threshold} three probes in a row: linrep {figures['linrep_s']:.1f} s "
+               f"(step {figures['linrep_steps']:.0f}) vs public-code-style loop {figures['baseline_s']:.1f} s "
+               f"(step {figures['baseline_steps']:.0f}){bound}")
+    return make_result("identifiability", ratio, summary, figures=figures, details=details)
