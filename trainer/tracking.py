@@ -69,7 +69,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 def _client(uri: str):
+    import logging
+
     from mlflow.tracking import MlflowClient
+
+    for name in ("mlflow", "alembic"):  # store-creation chatter is not for the user's console
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     return MlflowClient(tracking_uri=uri)
 
