@@ -20,7 +20,8 @@ from trainer.data.labels import create_label_scheme
 from trainer.data.shards import Manifest, load_manifest
 from trainer.data.stream import make_eval_loader
 
-PIXEL_SIDE = 32  # raw-pixel baseline on a 32x32 downsample: keeps the normal equations small (<= 3072 dims)
+MAX_PIXEL_DIMS = 4096  # raw pixels up to 64x64x1; larger images are average-pooled to 32x32 for the baseline
+PIXEL_SIDE = 32
 EVAL_BATCH = 512
 
 
@@ -33,8 +34,9 @@ def collect(model, cfg: Config, manifest: Manifest, split: str, max_samples: int
     for batch in loader:
         x = batch["image"].to(device)
         feats.append(model.features(x).float().cpu())
-        pixels.append(F.adaptive_avg_pool2d(batch["image"], PIXEL_SIDE).flatten(1) if x.shape[-1] > PIXEL_SIDE
-                      else batch["image"].flatten(1))
+        img = batch["image"]
+        pixels.append(img.flatten(1) if img[0].numel() <= MAX_PIXEL_DIMS
+                      else F.adaptive_avg_pool2d(img, PIXEL_SIDE).flatten(1))
         factors.append(batch["factors"])
         if labels is not None:
             logits = model(x).float().cpu()

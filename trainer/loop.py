@@ -128,10 +128,10 @@ class Progress:
     def line(self, step: int, m: dict[str, float]) -> None:
         self._poll_probe()
         probe = ""
-        if self.latest:
-            key = "probe/r2_affine" if "probe/r2_affine" in self.latest else next(iter(self.latest))
-            if key != "step":
-                probe = f"  {key.split('/', 1)[-1]} {self.latest[key]:.4f} @{int(self.latest.get('step', 0))}"
+        key = next((k for k in ("probe/r2_affine", "val/acc") if k in self.latest), None)
+        if key:  # the latest probe figure, from the checkpoint it was computed on
+            label = "probe r2_affine" if key == "probe/r2_affine" else "val acc"
+            probe = f"  | {label} {self.latest[key]:.4f} @{int(self.latest.get('step', 0))}"
         print(f"[linrep] step {step}/{self.total}  loss {m['train/loss']:.4f}  acc {m['train/acc']:.3f}  "
               f"{m['train/samples_per_s']:,.0f} samples/s{probe}", flush=True)
 

@@ -123,6 +123,8 @@ def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | N
 
 def _worker_env() -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+           # Train V2 tees print() into its logger as well: every progress line showed twice
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
            **tracking.FAST_FAIL_ENV}
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
