@@ -127,7 +127,7 @@ def cmd_data(args) -> int:
         from trainer.data.imagenet import convert_imagenet
 
         convert_imagenet(Path(args.src), Path(args.out), samples_per_shard=args.samples_per_shard,
-                         processes=args.processes, classes_from=args.classes_from)
+                         processes=args.processes, classes_from=args.classes_from, seed=args.seed)
     print(f"shards and manifest.json written to {args.out}")
     return 0
 
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="class order: the standard 1000 wnids, or the sorted train/ folders (small trees)")
     for q in (ds, dc, di):
         q.add_argument("--out", required=True, help="output folder for shards + manifest.json")
-        q.add_argument("--seed", type=int, default=0, help="seed of the 80/10/10 split")
+        q.add_argument("--seed", type=int, default=0,
+                       help="seed of the 80/10/10 split (ImageNet: of the train order; val stays val)")
         q.add_argument("--samples-per-shard", type=int, default=10000 if q is not di else 1000)
         q.add_argument("--processes", type=int, default=2)
     d.set_defaults(func=cmd_data)

@@ -16,14 +16,18 @@ minimiser but makes ``tol`` comparable)::
 
 The solver is a batched L-BFGS (two-loop recursion, Armijo backtracking per problem); a problem
 leaves the batch once its gradient max-norm is below ``tol`` (scikit-learn's ``pgtol``), so late
-iterations only pay for the problems still running.
+iterations only pay for the problems still running. Its initial inverse Hessian is the inverse of
+``Sigma/4 + l2_m I`` (Sigma: covariance of the z-scored features, one eigendecomposition for all
+problems) for problems with at least p/2 rows: network features are strongly correlated, and this
+cuts the iterations of the slowest problems about five-fold (226 -> 44 on the benchmark) without
+changing the optimum.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -88,6 +92,43 @@ class _Problems:
         return torch.bmm(r[:, None, :], self.X[active])[:, 0, :]
 
 
+class _Preconditioner:
+    """H0 of L-BFGS: the inverse of the logistic Hessian at the start, (c * Sigma + l2_m I)^-1.
+
+    Sigma is the covariance of the globally z-scored features (one eigendecomposition shared by
+    all problems); c = 1/4 is the curvature p(1-p) at p = 1/2; l2_m is each problem's own penalty.
+    Features of real networks are strongly correlated, which makes plain L-BFGS crawl (hundreds of
+    iterations); with this H0 it needs tens. Problems with few rows (whose own covariance is far
+    from Sigma) keep the usual scaled identity."""
+
+    CURVATURE = 0.25
+    MAX_ROWS = 4096
+
+    def __init__(self, X: Tensor, l2: Tensor, use: Tensor):
+        rows = X if X.dim() == 2 else X.reshape(-1, X.shape[-1])
+        rows = rows[:: max(1, rows.shape[0] // self.MAX_ROWS)]  # a preconditioner needs no exact covariance
+        mean = rows.mean(0)
+        std = rows.std(0).clamp_min(1e-12)
+        z = (rows - mean) / std
+        cov = (z.T @ z) / max(1, z.shape[0] - 1)
+        evals, self.evecs = torch.linalg.eigh(cov.double())
+        self.evecs = self.evecs.to(X.dtype)
+        self.denominator = (self.CURVATURE * evals.clamp_min(0).to(X.dtype))[None, :] + l2[:, None]  # [M, p]
+        self.use = use
+
+    def apply(self, q: Tensor, active: Tensor, gamma: Tensor) -> Tensor:
+        """H0 q for the rows of `active` (last column = bias)."""
+        out = gamma[:, None] * q
+        use = self.use[active]
+        if bool(use.any()):
+            idx = torch.nonzero(use)[:, 0]
+            qw = q[idx, :-1]
+            rw = ((qw @ self.evecs) / self.denominator[active[idx]]) @ self.evecs.T
+            out[idx, :-1] = gamma[idx, None] * rw
+            out[idx, -1] = gamma[idx] * q[idx, -1] / self.CURVATURE
+        return out
+
+
 def _as_problem_tensor(t: Tensor | None, m: int, p: int, default: float, like: Tensor) -> Tensor:
     if t is None:
         return torch.full((m, p), default, dtype=like.dtype, device=like.device)
@@ -116,6 +157,8 @@ def fit_logistic_batched(
     tol: float = 1e-4,
     ftol: float = _FTOL,
     history: int = 10,
+    precondition: bool = True,
+    precondition_min_rows: int | None = None,
 ) -> LogisticFit:
     """Fit M independent L2 logistic regressions together (scikit-learn's lbfgs objective).
 
@@ -127,6 +170,8 @@ def fit_logistic_batched(
     Stops a problem when its gradient max-norm is <= tol, or its relative decrease of f is <= ftol
     (both as scipy's L-BFGS-B, which scikit-learn uses); `converged` is False only for problems
     that hit max_iter or whose line search failed.
+    precondition: use the feature-covariance H0 (see module docstring) for problems with at least
+        `precondition_min_rows` rows (default p/2); the optimum is the same either way.
     The dtype and device of X are used throughout (float64 for tight agreement, float32 for speed).
     """
     if not X.is_floating_point():
@@ -137,17 +182,25 @@ def fit_logistic_batched(
     sw = torch.ones_like(y) if sample_weight is None else torch.as_tensor(sample_weight, dtype=X.dtype, device=X.device)
     problems = _Problems(X, y, sw, _as_problem_tensor(center, m, p, 0.0, X),
                          _as_problem_tensor(scale, m, p, 1.0, X), C)
-    return _lbfgs(problems, m, p + 1, X, max_iter=max_iter, tol=tol, ftol=ftol, history=history)
+    precond = None
+    if precondition:
+        rows = sw.gt(0).sum(1)
+        min_rows = p // 2 if precondition_min_rows is None else precondition_min_rows
+        use = rows >= min_rows
+        if bool(use.any()):
+            precond = _Preconditioner(X, problems.l2, use)
+    return _lbfgs(problems, m, p + 1, X, max_iter=max_iter, tol=tol, ftol=ftol, history=history, precond=precond)
 
 
-def _two_loop(g: Tensor, s_hist: Tensor, y_hist: Tensor, rho: Tensor, gamma: Tensor, order: list[int]) -> Tensor:
+def _two_loop(g: Tensor, s_hist: Tensor, y_hist: Tensor, rho: Tensor, h0: Callable[[Tensor], Tensor],
+              order: list[int]) -> Tensor:
     """-H g for each row, H the L-BFGS inverse-Hessian estimate (entries with rho=0 are no-ops)."""
     q = g.clone()
     alphas = {}
     for j in reversed(order):
         alphas[j] = rho[:, j] * (s_hist[:, j] * q).sum(1)
         q -= alphas[j][:, None] * y_hist[:, j]
-    r = gamma[:, None] * q
+    r = h0(q)
     for j in order:
         beta = rho[:, j] * (y_hist[:, j] * r).sum(1)
         r += s_hist[:, j] * (alphas[j] - beta)[:, None]
@@ -155,7 +208,7 @@ def _two_loop(g: Tensor, s_hist: Tensor, y_hist: Tensor, rho: Tensor, gamma: Ten
 
 
 def _lbfgs(problems: _Problems, m: int, dim: int, like: Tensor, *, max_iter: int, tol: float, ftol: float,
-           history: int) -> LogisticFit:
+           history: int, precond: _Preconditioner | None = None) -> LogisticFit:
     """Batched L-BFGS; every problem keeps its own history, step length and stopping time."""
     kw = dict(dtype=like.dtype, device=like.device)
     theta = torch.zeros(m, dim, **kw)
@@ -175,15 +228,20 @@ def _lbfgs(problems: _Problems, m: int, dim: int, like: Tensor, *, max_iter: int
             break
         f, g = f_all[active], g_all[active]
         order = [(it - k) % history for k in range(min(it, history), 0, -1)]
-        d = _two_loop(g, s_hist[active], y_hist[active], rho[active], gamma[active], order)
+        h0 = _initial_inverse_hessian(precond, active, gamma[active])
+        d = _two_loop(g, s_hist[active], y_hist[active], rho[active], h0, order)
         slope = (g * d).sum(1)
         not_descent = slope >= 0  # a numerically broken history: restart from steepest descent
         if bool(not_descent.any()):
             d[not_descent] = -g[not_descent]
             slope = (g * d).sum(1)
             rho[active[not_descent]] = 0
-        # First step of a fresh history: scale so that it moves about one unit (as torch's LBFGS).
-        step = torch.ones_like(f) if it else torch.clamp(1.0 / g.abs().sum(1), max=1.0)
+        # First step of a fresh history: scale so that it moves about one unit (as torch's LBFGS),
+        # unless H0 already has the scale of the inverse Hessian.
+        step = torch.ones_like(f)
+        if it == 0:
+            unscaled = torch.ones_like(f, dtype=torch.bool) if precond is None else ~precond.use[active]
+            step = torch.where(unscaled, torch.clamp(1.0 / g.abs().sum(1), max=1.0), step)
         f_new, g_new, step, ok = _backtrack(problems, theta[active], active, f, d, slope, step)
         s = step[:, None] * d
         theta[active] += s
@@ -194,7 +252,11 @@ def _lbfgs(problems: _Problems, m: int, dim: int, like: Tensor, *, max_iter: int
         s_hist[active, slot] = s
         y_hist[active, slot] = yk
         rho[active, slot] = torch.where(valid, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy))
-        gamma[active] = torch.where(valid, sy / yy.clamp_min(1e-30), gamma[active])
+        if precond is None:
+            gamma[active] = torch.where(valid, sy / yy.clamp_min(1e-30), gamma[active])
+        else:  # scale H0 to the latest curvature pair: gamma = s.y / y.H0 y (H0 = gamma-free preconditioner)
+            yhy = (yk * precond.apply(yk, active, torch.ones_like(sy))).sum(1)
+            gamma[active] = torch.where(valid, sy / yhy.clamp_min(1e-30), gamma[active])
         f_all[active], g_all[active] = f_new, g_new
         n_iter[active] += 1
         done_grad = g_new.abs().amax(1) <= tol
@@ -202,6 +264,13 @@ def _lbfgs(problems: _Problems, m: int, dim: int, like: Tensor, *, max_iter: int
         converged[active] |= done_grad | done_f
         active = active[~(done_grad | done_f | ~ok)]
     return LogisticFit(theta[:, :-1], theta[:, -1], n_iter, converged)
+
+
+def _initial_inverse_hessian(precond: _Preconditioner | None, active: Tensor,
+                             gamma: Tensor) -> Callable[[Tensor], Tensor]:
+    if precond is None:
+        return lambda q: gamma[:, None] * q
+    return lambda q: precond.apply(q, active, gamma)
 
 
 def _backtrack(problems: _Problems, theta: Tensor, active: Tensor, f: Tensor, d: Tensor, slope: Tensor,

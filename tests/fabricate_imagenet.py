@@ -12,7 +12,9 @@ annotations. Images are tiny random JPEGs (seeded). Layouts of the validation la
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,15 +56,27 @@ class FabricatedImageNet:
         return (set(self.val_labels) | set(self.train_labels)) - bad
 
 
+@functools.lru_cache(maxsize=1)
+def _real_val_table() -> pd.DataFrame:
+    """The package's (file_name, label) table of the 50,000 validation images (read once)."""
+    return pd.read_csv(imagenetx_annotation_dir() / "filename_label.csv")
+
+
+@functools.lru_cache(maxsize=1)
+def _annotated_names() -> frozenset[str]:
+    path = imagenetx_annotation_dir() / "imagenet_x_val_multi_factor.jsonl"
+    with open(path) as fh:
+        return frozenset(json.loads(line)["file_name"] for line in fh if line.strip())
+
+
 def real_val_names(num_classes: int = 3, per_class: int = 4) -> dict[str, int]:
-    """Real ImageNet-X validation stems -> their real standard class: `per_class` images from
-    each of the first `num_classes` annotated classes (deterministic)."""
-    table = pd.read_csv(imagenetx_annotation_dir() / "filename_label.csv")
-    annotated = set(pd.read_json(imagenetx_annotation_dir() / "imagenet_x_val_multi_factor.jsonl",
-                                 lines=True)["file_name"])
-    table = table[table.file_name.isin(annotated)]
+    """Real ImageNet-X validation stems -> their real standard class: `per_class` images from each
+    of `num_classes` annotated classes spread over 0..999 (both halves for the binary class)."""
+    table = _real_val_table()
+    table = table[table.file_name.isin(_annotated_names())]
     chosen = {}
-    for cls in sorted(table.label.unique())[:num_classes]:
+    classes = np.sort(table.label.unique())
+    for cls in classes[np.linspace(0, len(classes) - 1, num_classes).round().astype(int)]:
         for name in sorted(table[table.label == cls].file_name)[:per_class]:
             chosen[Path(name).stem] = int(cls)
     return chosen
@@ -133,7 +147,7 @@ def write_devkit(root: Path, seed: int = 0) -> Path:
     scipy.io.savemat(str(data / "meta.mat"), {"synsets": synsets[:, None]})
     id_of_class = {wnid: i + 1 for i, wnid in enumerate(order)}
     wnids, _ = standard_classes()
-    table = pd.read_csv(imagenetx_annotation_dir() / "filename_label.csv")
+    table = _real_val_table()
     number = table.file_name.str.extract(r"_(\d{8})\.")[0].astype(int)
     ids = np.zeros(50000, dtype=np.int64)
     ids[number.to_numpy() - 1] = [id_of_class[wnids[c]] for c in table.label]

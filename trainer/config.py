@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trainer.errors import UserError
 
@@ -80,6 +80,12 @@ class DataConfig(_Section):
     """Image datasets: use only the first N training samples per epoch (subsets for CI)."""
     on_error: Literal["raise", "skip"] = "raise"
     """Image datasets: a corrupt shard or sample stops the run (raise) or is skipped and counted."""
+
+    @field_validator("granularity", mode="before")
+    @classmethod
+    def _granularity_as_text(cls, v):
+        """data.granularity=1000 on a command line or in a sweep arrives as a number."""
+        return str(int(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 class ModelConfig(_Section):
