@@ -12,7 +12,8 @@ from trainer.models import InputSpec, build_classifier, create_encoder, list_enc
 @pytest.mark.parametrize("case,unit_f,unit_w", [("C1", True, True), ("C2", True, False), ("C3", False, True),
                                                 ("C4", False, False)])
 def test_normalisation_cases(case, unit_f, unit_w):
-    cfg = load_config("synthetic-diet", [f"model.case={case}", "model.hidden=[16,16]"])
+    cfg = load_config("synthetic-diet", [f"model.case={case}", "model.hidden=[16,16]", "model.temperature=10",
+                                         "model.learn_temperature=false"])
     model = build_classifier(cfg, InputSpec(dim=5), 1000)
     x = torch.randn(32, 5)
     f = model.features(x)
@@ -28,7 +29,8 @@ def test_learned_temperature_gets_gradients_and_fixed_does_not():
     model = build_classifier(cfg, InputSpec(dim=5), 100)
     model(torch.randn(16, 5)).logsumexp(-1).mean().backward()
     assert model.log_beta.grad is not None and model.log_beta.requires_grad
-    fixed = build_classifier(load_config("synthetic-supervised", ["model.hidden=[8]"]), InputSpec(dim=5), 100)
+    fixed = build_classifier(load_config("synthetic-supervised", ["model.hidden=[8]", "model.learn_temperature=false"]),
+                             InputSpec(dim=5), 100)
     assert not fixed.log_beta.requires_grad
 
 
