@@ -375,10 +375,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def result_path(out: Path, name: str, machine: dict[str, Any]) -> Path:
-    """`<name>.json`, or `<name>@<gpu>.json` for results taken on an accelerator (kept side by side)."""
+    """`<name>.json`, or `<name>.<gpu>.json` for results taken on an accelerator (kept side by side)."""
     if machine.get("gpu"):
         slug = "".join(c if c.isalnum() else "-" for c in machine["gpu"].lower()).strip("-")
-        return out / f"{name}@{slug}.json"
+        return out / f"{name}.{slug}.json"
     return out / f"{name}.json"
 
 
@@ -394,7 +394,7 @@ def save_result(result: BenchResult, out: Path) -> Path:
 
 
 def load_results(out: Path) -> list[dict[str, Any]]:
-    """Every `<name>.json` / `<name>@<device>.json` in a results folder, in benchmark order."""
+    """Every `<name>.json` / `<name>.<gpu>.json` in a results folder, in benchmark order."""
     found = []
     for path in sorted(Path(out).glob("*.json")):
         try:

@@ -63,6 +63,7 @@ def bench_overhead(ctx: BenchContext) -> BenchResult:
     s = sizes(ctx.quick)
     uri = runs_store(ctx)
     overrides = ["run.workers=1", "run.cpus_per_worker=1", "probe.enabled=false", f"optim.steps={s['ray_steps']}",
+                 f"optim.warmup_steps={s['ray_steps'] // 10}",
                  f"run.log_every={s['window']}", f"run.checkpoint_every={s['ray_steps']}"]
     cfg = load_config(PRESET, overrides)
     plain_args = dict(config=cfg.to_dict(), steps=s["plain_steps"], window=s["window"], threads=1)

@@ -33,6 +33,9 @@ def sizes(quick: bool) -> dict[str, Any]:
 
 
 def has_ray() -> bool:
+    """Ray Train importable (LINREP_BENCH_NO_RAY=1 forces the Ray-less path, e.g. to test it)."""
+    if os.environ.get("LINREP_BENCH_NO_RAY") == "1":
+        return False
     try:
         import ray  # noqa: F401
         import ray.train  # noqa: F401
@@ -141,7 +144,8 @@ def _with_ray(ctx: BenchContext, s: dict) -> dict[int, dict]:
             ctx.log("scaling", f"Ray Train, {workers} worker(s), {s['steps']} steps")
             results[workers] = ray_train_throughput(
                 ctx, uri, PRESET, [f"run.workers={workers}", "run.cpus_per_worker=1", "probe.enabled=false",
-                                   f"optim.steps={s['steps']}", f"run.log_every={s['window']}",
+                                   f"optim.steps={s['steps']}", f"optim.warmup_steps={s['steps'] // 10}",
+                                   f"run.log_every={s['window']}",
                                    f"run.checkpoint_every={s['steps']}"], f"scaling-{workers}w")
             ctx.log("scaling", f"{workers} worker(s): {results[workers]['median']:,.0f} samples/s")
     return results

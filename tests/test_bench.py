@@ -1,0 +1,182 @@
+"""`linrep bench`: JSON results, the closing ratio line, MLflow logging and the README table.
+
+Fast tests run real benchmarks that need no Ray (scaling through plain torch DDP, forced with
+LINREP_BENCH_NO_RAY=1) and the pieces every benchmark shares; the slow test runs every benchmark
+with --quick through the real CLI (real Ray Train, real shards, real MLflow store). No timing
+asserts: the figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from linrep.bench import harness, readme
+from linrep.bench.harness import BenchResult, load_results, save_result
+from linrep.bench.identifiability import first_streak, numpy_vmf
+from tests.conftest import LINREP
+
+RATIO_LINE = re.compile(r"^(\w+): ratio (nan|[-+0-9.e]+) \(target (>=|<=) [0-9.e+-]+\)$")
+
+
+def run_bench(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([*LINREP, "bench", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def fake_result(name: str = "overhead", ratio: float = 0.9, gpu: str | None = None) -> BenchResult:
+    machine = {"cpu": "Test CPU", "usable_cpus": 2, "torch": torch.__version__, "device": "cpu"}
+    if gpu:
+        machine.update(gpu=gpu, device="cuda")
+    return harness.make_result(name, ratio, f"{name} summary | with a pipe", figures={"a_s": 1.5, "b": float("nan")},
+                               machine=machine, load={"before": [1.0, 1.0, 1.0], "after": [2.0, 2.0, 2.0]})
+
+
+# ---- shared pieces ------------------------------------------------------------------------------
+def test_ratio_line_format_and_target_direction():
+    r = fake_result("overhead", 0.912)
+    assert RATIO_LINE.match(r.ratio_line()), r.ratio_line()
+    assert r.ratio_line() == "overhead: ratio 0.912 (target >= 0.85)" and r.met
+    slow = fake_result("identifiability", 0.35)       # target <= 0.2: a larger ratio misses it
+    assert slow.ratio_line() == "identifiability: ratio 0.35 (target <= 0.2)" and not slow.met
+    missing = fake_result("probes", float("nan"))
+    assert RATIO_LINE.match(missing.ratio_line()) and not missing.met
+
+
+def test_results_are_json_with_nan_as_null_and_gpu_results_kept_apart(tmp_path):
+    cpu, gpu = fake_result("scaling", 0.7), fake_result("scaling", 0.5, gpu="NVIDIA H100 80GB HBM3")
+    p1, p2 = save_result(cpu, tmp_path), save_result(gpu, tmp_path)
+    assert p1.name == "scaling.json" and p2.name == "scaling.nvidia-h100-80gb-hbm3.json"
+    data = json.loads(p1.read_text())
+    assert data["figures"]["b"] is None and data["met"] is False and data["ratio_line"].startswith("scaling: ratio 0.7")
+    assert [d["ratio"] for d in load_results(tmp_path)] == [0.7, 0.5]  # CPU first, then the accelerator
+    history = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert len(history) == 2 and json.loads(history[0])["name"] == "scaling"
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_a_broken_result_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "overhead.json").write_text("{not json")
+    with pytest.raises(harness.UserError, match="overhead.json: not a readable bench result"):
+        load_results(tmp_path)
+    (tmp_path / "overhead.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(harness.UserError, match="not a bench result"):
+        load_results(tmp_path)
+
+
+def test_first_streak_needs_three_consecutive_probes():
+    pts = [(100, 0.991, 1.0), (200, 0.985, 2.0), (300, 0.990, 3.0), (400, 0.993, 4.0), (500, 0.995, 5.0)]
+    assert first_streak(pts, 0.99, 3) == (300, 0.990, 3.0)
+    assert first_streak(pts[:4], 0.99, 3) is None
+    assert first_streak([], 0.99, 3) is None
+
+
+def test_numpy_vmf_of_the_baseline_is_exact():
+    """The baseline's host sampler must be a real vMF (else the comparison is unfair)."""
+    from scipy.special import ive
+
+    rng = np.random.default_rng(0)
+    d, kappa = 5, 10.0
+    mu = np.zeros((200_000, d))
+    mu[:, 2] = 1.0
+    z = numpy_vmf(mu, kappa, rng)
+    assert np.allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-9)
+    expected = ive(d / 2, kappa) / ive(d / 2 - 1, kappa)  # mean resultant length A_d(κ)
+    assert z[:, 2].mean() == pytest.approx(expected, rel=0.005)
+    assert np.abs(np.delete(z, 2, axis=1).mean(0)).max() < 0.01
+
+
+def test_unknown_benchmark_is_one_line_exit_2(tmp_path):
+    out = run_bench(["nosuch", "--out", str(tmp_path / "r"), "--no-mlflow"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert "unknown benchmark 'nosuch'" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r" / "nosuch.json").exists()
+
+
+# ---- README ----------------------------------------------------------------------------------------
+def test_readme_block_is_replaced_between_markers(tmp_path):
+    save_result(fake_result("overhead", 0.93), tmp_path / "res")
+    save_result(fake_result("identifiability", 0.4), tmp_path / "res")
+    md = tmp_path / "README.md"
+    md.write_text(f"# x\n\nintro\n\n## Performance\n\n{readme.START}\nold table\n{readme.END}\n\n## After\nkept\n")
+    text = readme.update_readme(tmp_path / "res", md)
+    assert "old table" not in text and text.endswith("## After\nkept\n") and text.startswith("# x\n\nintro")
+    block = text.split(readme.START)[1].split(readme.END)[0]
+    rows = [ln for ln in block.splitlines() if ln.startswith("| identifiability") or ln.startswith("| overhead")]
+    assert rows[0].startswith("| identifiability | 0.4 | <= 0.2 | no |")  # benchmark order, then met?
+    assert rows[1].startswith("| overhead | 0.93 | >= 0.85 | yes |")
+    assert "summary \\| with a pipe" in rows[1]  # pipes escaped: the table stays a table
+    assert "Past one node" in block
+    again = readme.update_readme(tmp_path / "res", md)
+    assert again == text  # idempotent
+
+
+def test_readme_without_markers_gets_a_performance_section(tmp_path):
+    save_result(fake_result("probes", 0.95), tmp_path / "res")
+    md = tmp_path / "README.md"
+    md.write_text("# project\n\nno markers here")
+    out = subprocess.run([sys.executable, "-m", "linrep.bench.readme", "--out", str(tmp_path / "res"),
+                          "--readme", str(md)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = md.read_text()
+    assert text.startswith("# project\n\nno markers here\n\n## Performance\n\n" + readme.START)
+    assert text.rstrip().endswith(readme.END) and "| probes | 0.95 | >= 0.9 | yes |" in text
+
+
+def test_readme_with_a_lone_marker_is_refused(tmp_path):
+    md = tmp_path / "README.md"
+    md.write_text(f"# x\n{readme.START}\nno end\n")
+    with pytest.raises(harness.UserError, match="broken bench block"):
+        readme.update_readme(tmp_path, md)
+    assert md.read_text() == f"# x\n{readme.START}\nno end\n"  # untouched
+
+
+# ---- a real benchmark, end to end --------------------------------------------------------------
+def test_quick_scaling_without_ray_writes_json_logs_mlflow_and_ends_with_the_ratio_line(tmp_path):
+    """Real torch DDP processes (gloo), a real sqlite MLflow store; the CLI's output contract."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    out = run_bench(["scaling", "--quick", "--out", str(tmp_path / "res")], cwd=tmp_path,
+                    env={"LINREP_BENCH_NO_RAY": "1", "MLFLOW_TRACKING_URI": uri}, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert RATIO_LINE.match(lines[-1]) and lines[-1].startswith("scaling: ratio ")
+    assert any(ln.startswith("machine: ") and "usable CPUs" in ln for ln in lines)  # the machine is printed
+    data = json.loads((tmp_path / "res" / "scaling.json").read_text())
+    assert data["name"] == "scaling" and data["quick"] is True and data["details"]["runner"] == "torch-ddp-gloo"
+    assert data["figures"]["samples_per_s_1w"] > 0 and data["figures"]["samples_per_s_2w"] > 0
+    assert math.isclose(data["ratio"], data["figures"]["samples_per_s_2w"] / (2 * data["figures"]["samples_per_s_1w"]))
+    assert len(data["load"]["before"]) == 3 and data["machine"]["logical_cpus"] >= 1
+    # MLflow: one run in experiment `bench` with the ratio and the JSON as an artifact
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bench")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["ratio"] == pytest.approx(data["ratio"])
+    assert runs[0].data.tags["linrep.bench"] == "scaling"
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id)] == ["scaling.json"]
+    assert not (tmp_path / "README.md").exists()  # --quick never rewrites a README
+
+
+@pytest.mark.slow
+def test_every_benchmark_quick_through_the_cli(tmp_path):
+    """All six with --quick: real Ray Train runs, real shards, a real Ray Tune sweep (minutes)."""
+    out = run_bench(["--quick", "--no-mlflow", "--out", str(tmp_path / "res")], cwd=tmp_path, timeout=3000)
+    ratio_lines = [ln for ln in out.stdout.splitlines() if RATIO_LINE.match(ln)]
+    assert [RATIO_LINE.match(ln).group(1) for ln in ratio_lines] == harness.ORDER, out.stdout[-3000:] + out.stderr[-3000:]
+    for name in harness.ORDER:
+        data = json.loads((tmp_path / "res" / f"{name}.json").read_text())
+        assert data["quick"] and not data["details"].get("error"), (name, data["details"].get("error"))
+        assert data["ratio"] is not None and data["ratio"] > 0, name
+    assert out.returncode == 0

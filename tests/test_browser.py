@@ -1,0 +1,159 @@
+"""End to end through the MLflow UI: `mlflow server` on 127.0.0.1, a small sweep logged to it over
+http, then headless Chromium (Debian's chromium + chromedriver, driven by Selenium) finds the
+sweep's parent run, its child runs and the summary plot among the parent run's artifacts.
+
+Screenshots of every step land in the test's tmp folder (kept by pytest) for debugging."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_linrep
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+SWEEP = "browse"
+CHILDREN = ["browse-C10-s0", "browse-C20-s0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` bound to 127.0.0.1 (sqlite store, proxied artifacts); stopped at the end."""
+    port = free_port()
+    (tmp_path / "server").mkdir()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+         "--artifacts-destination", str(tmp_path / "server" / "artifacts")],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-2000:]
+            assert time.time() < deadline, "mlflow server did not answer /health within 120 s"
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def make_driver(profile: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.fail("Debian's chromium and chromium-driver are needed (.ci/run installs them: "
+                    "apt-get install -y chromium chromium-driver)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-first-run", f"--user-data-dir={profile}", "--window-size=1600,1000"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+def test_mlflow_ui_shows_the_sweep_its_children_and_the_summary_plot(tmp_path, mlflow_server):
+    spec = {"name": SWEEP, "base": "synthetic-supervised", "classes": [10, 20], "seeds": 1, "max_concurrent": 2,
+            "overrides": {"optim.steps": 100, "optim.warmup_steps": 10, "run.checkpoint_every": 50,
+                          "run.log_every": 50, "model.hidden": [32, 32], "data.generator_pool": 500,
+                          "probe.samples": 1024}}
+    (tmp_path / "browse.yaml").write_text(yaml.safe_dump(spec))
+    out = run_linrep(["sweep", str(tmp_path / "browse.yaml")], cwd=tmp_path, timeout=900,
+                     env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert not (tmp_path / "mlruns").exists()  # everything went to the server
+
+    driver = make_driver(tmp_path / "chrome-profile")
+    try:
+        browse_sweep(driver, mlflow_server, tmp_path)
+    finally:
+        driver.quit()
+
+
+def browse_sweep(driver, url: str, shots: Path) -> None:
+    """Experiments page -> runs table -> parent run -> its children -> its artifacts -> the plot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 60)
+    counter = iter(range(1, 100))
+
+    def screenshot(name: str) -> None:
+        driver.save_screenshot(str(shots / f"ui-{next(counter):02d}-{name}.png"))
+
+    def by_text(text: str):
+        return (By.XPATH, f"//*[normalize-space(text())='{text}']")
+
+    def click_text(text: str) -> None:
+        wait.until(EC.element_to_be_clickable(by_text(text))).click()
+
+    try:
+        # 1. the experiments page lists the study's experiment; open its runs in the model-training view
+        #    (MLflow 3 opens experiments in its GenAI view unless that toggle says otherwise)
+        driver.get(url + "/#/experiments")
+        wait.until(EC.presence_of_element_located((By.LINK_TEXT, "synthetic")))
+        screenshot("experiments")
+        click_text("Model training")
+        driver.find_element(By.LINK_TEXT, "synthetic").click()
+        parent_link = wait.until(EC.element_to_be_clickable((By.LINK_TEXT, SWEEP)))
+        screenshot("runs")
+        # 2. the parent run is the only top-level run; expanding it shows the child runs
+        shown = [a.text for a in driver.find_elements(By.CSS_SELECTOR, "a[href*='/runs/']")]
+        assert SWEEP in shown and not set(CHILDREN) & set(shown), shown
+        cell = parent_link.find_element(By.XPATH, "./ancestor::div[contains(@class,'ag-cell-wrapper')][1]")
+        cell.find_element(By.CSS_SELECTOR, "button").click()
+        for child in CHILDREN:
+            wait.until(EC.presence_of_element_located((By.LINK_TEXT, child)))
+        screenshot("children")
+        # 3. the parent run's artifacts hold the summary and its plots; the plot renders as an image
+        driver.find_element(By.LINK_TEXT, SWEEP).click()
+        wait.until(EC.url_contains("/runs/"))
+        click_text("Artifacts")
+        click_text("summary")
+        wait.until(EC.presence_of_element_located(by_text("summary.md")))
+        click_text("plots")
+        wait.until(EC.presence_of_element_located(by_text("r2_vs_num_classes.png")))
+        click_text("learning_curves.png")
+        image = wait.until(lambda d: next((img for img in d.find_elements(By.TAG_NAME, "img")
+                                           if (img.get_attribute("src") or "").startswith("blob:")
+                                           and int(img.get_attribute("naturalWidth") or 0) > 300), False))
+        screenshot("summary-plot")
+        assert int(image.get_attribute("naturalWidth")) == 792  # the PNG summary.py wrote (7.2 in x 110 dpi)
+    except Exception:
+        screenshot("failure")
+        raise

@@ -1,0 +1,536 @@
+"""`linrep sweep SPEC`: a sweep plan -> Ray Tune -> one full trainer run (+ probes) per trial.
+
+Execution. A Ray Tune Tuner runs a function trainable per trial; the function builds the trial's
+config, opens its MLflow child run under the sweep's parent run and calls
+`probes.pipeline.fit_and_probe` with a TuneReportCallback, so the Ray Train run's checkpoint
+reports (train/loss, step and the latest probe figures) reach Tune and its scheduler (Ray 2.60:
+Tuner(TorchTrainer) is gone; Ray Train inside a function trainable is the supported pattern).
+The trial function itself reserves no CPU (its TorchTrainer's workers do), so on a 2-core machine
+two 1-worker trials run at once; concurrency is capped by what the cluster's CPUs/GPUs fit.
+When Tune stops a trial (ASHA, or Ctrl-C on the driver) the trainable's cleanup aborts the Train
+run through its controller before the trial's actor goes (see `abort_active_run`).
+
+Folders. <storage>/<sweep name>/ holds Tune's experiment state, `linrep_sweep.json` (the parent
+MLflow run id and the plan's fingerprint), `plan.json`, `runs/<trial key>/` (each trial's Ray Train
+run: checkpoints) and `trials/<trial key>.json` (a ledger: every start, the end, the final figures;
+`.stop` beside it while Tune stops the trial, `.stopped` once the scheduler ended it early).
+
+Resume. Rerunning the same command restores the Tune experiment (`Tuner.restore`, errored trials
+resumed too): finished trials are not rerun (Tune knows them, and the ledger short-circuits a trial
+Tune had not yet recorded as finished), unfinished ones restart their function, which resumes the
+Ray Train run from its latest checkpoint and reuses its MLflow child run; the parent run is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from trainer import tracking
+from trainer.config import TrackingConfig, load_raw
+from trainer.errors import RuntimeFault, UserError
+from tune import mlflow_utils
+from tune.spec import SweepPlan, Trial, build_plan, load_spec, trial_config
+
+STATE_FILE = "linrep_sweep.json"
+PLAN_FILE = "plan.json"
+TRIAL_MEMORY = 128 * 2**20  # the trial function's reservation: a little memory, no CPU (see module doc)
+TERMINAL = ("finished", "stopped")
+
+
+# ---- the sweep folder ------------------------------------------------------------------------
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        raise UserError(f"{path} is damaged (not valid JSON); delete it to start that sweep afresh") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is damaged (not a JSON object)")
+    return data
+
+
+class TrialLedger:
+    """trials/<key>.json: the attempts of one trial and its end, written atomically by the trial."""
+
+    def __init__(self, sweep_dir: Path | str, key: str):
+        self.path = Path(sweep_dir) / "trials" / f"{key}.json"
+        self.key = key
+
+    def read(self) -> dict[str, Any]:
+        try:
+            d = read_json(self.path) or {}
+        except UserError:
+            d = {}  # a torn ledger only costs a rerun of that trial (it resumes from checkpoints)
+        if d.get("status") != "finished" and self.stopped_marker.exists():
+            d["status"] = "stopped"
+        return d
+
+    @property
+    def stopped_marker(self) -> Path:
+        """Written by the driver when the scheduler ended the trial early (its own file: no races)."""
+        return self.path.with_suffix(".stopped")
+
+    def mark_stopped(self) -> None:
+        self.stopped_marker.touch()
+
+    @property
+    def status(self) -> str | None:
+        return self.read().get("status")
+
+    def start(self, run_id: str | None, resume_step: int) -> None:
+        d = self.read()
+        attempts = d.get("attempts", [])
+        attempts.append({"start": time.time(), "pid": os.getpid(), "resume_step": resume_step})
+        write_json_atomic(self.path, {**d, "key": self.key, "run_id": run_id, "status": "running",
+                                      "attempts": attempts})
+
+    def end(self, status: str, **extra: Any) -> None:
+        """Close the current attempt; a terminal status the driver already set (stopped) is kept."""
+        d = self.read()
+        if d.get("status") in TERMINAL and status not in TERMINAL:
+            status = d["status"]
+        attempts = d.get("attempts", [])
+        if attempts:
+            attempts[-1]["end"] = time.time()
+            attempts[-1]["status"] = status
+        write_json_atomic(self.path, {**d, "key": self.key, "status": status, "attempts": attempts, **extra})
+
+    @property
+    def stop_flag(self) -> Path:
+        """Exists while Tune wants this trial stopped (scheduler decision or driver interrupt)."""
+        return self.path.with_suffix(".stop")
+
+
+def ledger_counts(sweep_dir: Path, keys: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key in keys:
+        status = TrialLedger(sweep_dir, key).status or "pending"
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+# ---- the trial -------------------------------------------------------------------------------
+@dataclass
+class TrialContext:
+    """What every trial function needs besides its Trial (shipped to the trial actors)."""
+
+    sweep: str
+    sweep_dir: str
+    tracking_uri: str
+    parent_run_id: str
+
+
+@dataclass
+class ActiveRun:
+    """The Ray Train run this trial process is executing (Tune gives each trial its own actor)."""
+
+    stop_flag: Path                 # raised when Tune stops the trial: a stop, not a failure
+    box: Any                        # a small actor holding the run's Train controller handle
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_ACTIVE: ActiveRun | None = None
+
+
+def run_trial(trial: Trial, ctx: TrialContext, report: Callable[[dict], None]) -> dict[str, float]:
+    """One full trainer run with probes, as a child run of the sweep; returns its final figures."""
+    from probes.pipeline import fit_and_probe
+    from trainer.checkpoint import list_checkpoints, read_meta
+    from trainer.run import prepare_run
+
+    global _ACTIVE
+    ledger = TrialLedger(ctx.sweep_dir, trial.key)
+    done = ledger.read()
+    if done.get("status") in TERMINAL:  # ended before the driver died: report, never rerun
+        report({**done.get("final", {}), "step": done.get("step", 0), "linrep_skipped": 1})
+        return done.get("final", {})
+    ledger.stop_flag.unlink(missing_ok=True)
+    # Tune runs the function in the trial folder: every path is absolute, the store comes by env
+    os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
+    cfg = trial_config(trial, Path(ctx.sweep_dir) / "runs")
+    cfg.tracking.uri = None
+    handle = prepare_run(cfg, parent_run_id=ctx.parent_run_id)
+    if handle.run_id:
+        mlflow_utils.set_tags(ctx.tracking_uri, handle.run_id, {
+            mlflow_utils.SWEEP_TAG: ctx.sweep, "linrep.group": trial.group, "linrep.seed": trial.seed})
+    ckpts = list_checkpoints(handle.run_dir) if handle.run_dir.is_dir() else []
+    ledger.start(handle.run_id, read_meta(ckpts[-1])["step"] if ckpts else 0)
+    _ACTIVE = active = ActiveRun(ledger.stop_flag, _controller_box())
+    try:
+        outcome = fit_and_probe(handle, callbacks=[_report_callback(str(ledger.stop_flag)),
+                                                   _register_controller(active.box)])
+    except BaseException as err:
+        if ledger.stop_flag.exists():  # Tune stopped the trial and aborted its Train run: not a failure
+            ledger.end("interrupted")
+            if handle.run_id:
+                mlflow_utils.set_status(ctx.tracking_uri, handle.run_id, "KILLED")
+            return {}
+        ledger.end("failed", error=_first_line(err))
+        raise
+    finally:
+        active.done.set()
+    final = {k: float(v) for k, v in outcome.final.items()}
+    ledger.end("finished", final=final, step=cfg.optim.steps)
+    report({**final, "step": cfg.optim.steps, "linrep_final": 1})
+    return final
+
+
+def abort_active_run(timeout_s: float = 180.0) -> None:
+    """Called when Tune stops a trial (scheduler decision, driver interrupt) while its run trains.
+
+    Tune would otherwise just drop the trial's actor: the TorchTrainer inside never hears of it
+    and, once the actor dies, its workers' placement group can outlive it (Ray Train's cleaner
+    needs the state API), holding the CPUs the next trial waits for. So: raise the stop flag (the
+    report callback stops waiting on Tune; run_trial then records a stop, not a failure) and abort
+    the Train controller, which shuts its workers down and removes their placement group.
+    """
+    import ray
+
+    run = _ACTIVE
+    if run is None or run.done.is_set():
+        return
+    run.stop_flag.touch()
+    try:
+        controller = ray.get(run.box.get.remote(), timeout=30)
+        if controller is not None:
+            ray.get(controller.abort.remote(), timeout=timeout_s)
+    except Exception:  # abort ends the controller actor: the call errors by design
+        pass
+    run.done.wait(timeout=30)  # let run_trial record the stop before the actor goes
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{err.__class__.__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+class _ControllerBox:
+    """Holds the Train controller's actor handle for the trial process (set by the controller)."""
+
+    def __init__(self):
+        self.handle = None
+
+    def set(self, handle) -> None:
+        self.handle = handle
+
+    def get(self):
+        return self.handle
+
+
+def _controller_box():
+    import ray
+
+    return ray.remote(num_cpus=0)(_ControllerBox).remote()
+
+
+def _register_controller(box):
+    """A Ray Train controller callback: hands the controller's own handle to `box` at start."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class RegisterController(ControllerCallback):
+        def __init__(self, box):
+            self.box = box
+
+        def after_controller_start(self, train_run_context) -> None:
+            import ray
+
+            self.box.set.remote(ray.get_runtime_context().current_actor)
+
+    return RegisterController(box)
+
+
+def _report_callback(stop_flag: str):
+    """TuneReportCallback that stops waiting for Tune to take a report once the trial is stopped.
+
+    Tune's own callback blocks on a one-slot queue that nobody reads after a stop, which would
+    also block the Train controller's event loop and with it the abort.
+    """
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+    from ray.util.queue import Full
+
+    class SweepReportCallback(TuneReportCallback):
+        def __init__(self, flag: str):
+            super().__init__()
+            self._flag = flag
+
+        def after_report(self, run_context, metrics, checkpoint):
+            item = {**metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {})}
+            while not os.path.exists(self._flag):
+                try:
+                    self._training_actor_item_queue.put(item, timeout=1.0)
+                    return
+                except Full:
+                    continue
+
+    return SweepReportCallback(stop_flag)
+
+
+def make_trainable(plan: SweepPlan, ctx: TrialContext):
+    """The Tune trainable of this sweep: param 'trial' (a trial key) -> run_trial.
+
+    A function trainable (what Ray 2.60 supports around Ray Train) whose cleanup, run when Tune
+    stops the trial, first aborts the trial's Train run.
+    """
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    trials = {t.key: t for t in plan.trials}
+
+    def linrep_trial(config: dict) -> None:
+        from ray import tune
+
+        run_trial(trials[config["trial"]], ctx, tune.report)
+
+    class LinrepTrial(wrap_function(linrep_trial)):
+        def cleanup(self):
+            abort_active_run()
+            super().cleanup()
+
+    return LinrepTrial
+
+
+def trial_name(trial) -> str:
+    """Tune's trial name and folder: the trial key (module level: Tune pickles it)."""
+    return str(trial.config["trial"])
+
+
+def _tune_callback_class():
+    from ray import tune
+
+    class SweepProgress(tune.Callback):
+        """One console line per trial start / end, with the sweep's counts (stateless: resumable)."""
+
+        def __init__(self, sweep_dir: str, keys: list[str], metric: str):
+            self.sweep_dir, self.keys, self.metric = sweep_dir, keys, metric
+
+        def _counts(self, trials, ended=None) -> str:
+            c = ledger_counts(Path(self.sweep_dir), self.keys)
+            ended_id = getattr(ended, "trial_id", None)
+            running = sum(getattr(t, "status", "") == "RUNNING" and getattr(t, "trial_id", 0) != ended_id
+                          for t in trials)
+            return (f"{c.get('finished', 0)}/{len(self.keys)} finished, {running} running"
+                    + (f", {c['failed']} failed" if c.get("failed") else "")
+                    + (f", {c['stopped']} stopped early" if c.get("stopped") else ""))
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            print(f"[sweep] start {trial_name(trial)}  ({self._counts(trials)})", file=sys.stderr, flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            ledger = TrialLedger(self.sweep_dir, trial_name(trial))
+            d = ledger.read()
+            if d.get("status") not in TERMINAL and d.get("attempts"):
+                ledger.mark_stopped()  # ended by the scheduler (ASHA), not by its last step
+                d = ledger.read()
+            value = d.get("final", {}).get(self.metric)
+            shown = f"  {self.metric}={value:.4f}" if isinstance(value, (int, float)) else ""
+            print(f"[sweep] {d.get('status', 'done')} {trial_name(trial)}{shown}  ({self._counts(trials, trial)})",
+                  file=sys.stderr, flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[sweep] FAILED {trial_name(trial)}  ({self._counts(trials, trial)})", file=sys.stderr, flush=True)
+
+    return SweepProgress
+
+
+# ---- the driver ------------------------------------------------------------------------------
+@dataclass
+class SweepOutcome:
+    plan: SweepPlan
+    parent_run_id: str
+    tracking_uri: str
+    sweep_dir: Path
+    counts: dict[str, int]
+    summary: Any = None                       # tune.summary.Summary
+    artifacts: list[Path] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_tracking_uri(plan: SweepPlan) -> str:
+    """The sweep's MLflow store: the base config's tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlruns."""
+    first = plan.trials[0]
+    uri = first.overrides.get("tracking.uri") or load_raw(first.base).get("tracking", {}).get("uri")
+    if first.overrides.get("tracking.enabled") is False or load_raw(first.base).get("tracking", {}).get("enabled") is False:
+        raise UserError(f"sweep {plan.name}: tracking.enabled=false, but a sweep's summary is read from MLflow")
+    return tracking.resolve_uri(TrackingConfig(uri=uri))
+
+
+def open_sweep(plan: SweepPlan, uri: str) -> str:
+    """Create or reopen the sweep folder and its MLflow parent run; return the parent run id.
+
+    A changed plan under an existing name is refused (its trials' runs would mix two configs).
+    """
+    sweep_dir = plan.sweep_dir
+    state = read_json(sweep_dir / STATE_FILE)
+    fingerprint = plan.fingerprint()
+    if state and state.get("fingerprint") != fingerprint:
+        raise UserError(f"sweep '{plan.name}' in {sweep_dir} was started from a different spec or overrides; "
+                        "rerun it unchanged to resume, or give this one another --name")
+    exp_id = tracking.ensure_experiment(uri, plan.experiment)  # on the driver, before any trial: no races
+    parent = state.get("parent_run_id") if state else None
+    if parent and not mlflow_utils.run_exists(uri, parent):
+        parent = None  # another tracking store than last time: start a parent run there
+    if parent is None:
+        existing = mlflow_utils.find_parent(uri, exp_id, plan.name)
+        if existing and not state:
+            raise UserError(f"sweep '{plan.name}': MLflow experiment '{plan.experiment}' already holds a sweep of "
+                            f"that name (parent run {existing}) but {sweep_dir / STATE_FILE} is missing; "
+                            "give this sweep another --name (or delete those runs)")
+        parent = existing or _create_parent(plan, uri, exp_id)
+    mlflow_utils.set_status(uri, parent, "RUNNING")
+    write_json_atomic(sweep_dir / STATE_FILE, {
+        "name": plan.name, "fingerprint": fingerprint, "parent_run_id": parent, "experiment": plan.experiment,
+        "experiment_id": exp_id, "tracking_uri": tracking.redact(uri), "trials": len(plan.trials),
+        "created": (state or {}).get("created", time.time()), "kind": plan.kind})
+    write_text_atomic(sweep_dir / PLAN_FILE, plan.to_json())
+    return parent
+
+
+def _create_parent(plan: SweepPlan, uri: str, exp_id: str) -> str:
+    parent = mlflow_utils.create_parent(uri, exp_id, plan.name, {
+        "linrep.kind": plan.kind, "linrep.git_commit": tracking.git_commit() or "",
+        "linrep.sweep_dir": str(plan.sweep_dir)})
+    params = {"sweep.trials": len(plan.trials), "sweep.configurations": len(plan.groups()),
+              "sweep.swept": ",".join(plan.swept), "sweep.metric": plan.metric, "sweep.mode": plan.mode,
+              "sweep.scheduler": "asha" if plan.asha else "fifo",
+              **{f"sweep.resources.{k}": v for k, v in plan.resources.items()}}
+    mlflow_utils.log_params(uri, parent, {k: str(v) for k, v in params.items()})
+    if plan.spec_text:
+        tracking.log_text(uri, parent, plan.spec_text, "sweep_spec.yaml")
+    tracking.log_text(uri, parent, plan.to_json(), "sweep_plan.json")
+    return parent
+
+
+def trial_concurrency(plan: SweepPlan, cluster: dict[str, float]) -> int:
+    """How many trials run at once: the spec's max_concurrent, capped by what the cluster fits."""
+    r = plan.resources
+    per_trial = r["workers"] * r["cpus_per_worker"]
+    fits = math.floor(cluster.get("CPU", 0) / per_trial + 1e-9)
+    if r["use_gpu"]:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / r["workers"] + 1e-9))
+    if fits < 1:
+        gpus = f" and {r['workers']} GPUs" if r["use_gpu"] else ""
+        raise UserError(f"sweep {plan.name}: one trial needs {per_trial:g} CPUs{gpus} (resources.workers x "
+                        f"cpus_per_worker) but the Ray cluster has {cluster.get('CPU', 0):g} CPUs, "
+                        f"{cluster.get('GPU', 0):g} GPUs")
+    if plan.max_concurrent and plan.max_concurrent > fits:
+        print(f"[sweep] max_concurrent={plan.max_concurrent} but the cluster fits {fits} trials now; "
+              f"running {fits} at a time", file=sys.stderr, flush=True)
+    return min(plan.max_concurrent or fits, fits, len(plan.trials))
+
+
+def build_tuner(plan: SweepPlan, ctx: TrialContext, concurrency: int):
+    """A new Tuner, or the restored one when this sweep's folder holds Tune state."""
+    from ray import tune
+
+    trainable = tune.with_resources(make_trainable(plan, ctx), {"CPU": 0, "memory": TRIAL_MEMORY})
+    exp_dir = plan.sweep_dir
+    if tune.Tuner.can_restore(str(exp_dir)):
+        print(f"[sweep] resuming {plan.name} from {exp_dir}", file=sys.stderr, flush=True)
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    scheduler = None
+    if plan.asha:
+        # stop_last_trials=False: a trial that reaches max_t ends by itself (with its final probe)
+        scheduler = tune.schedulers.ASHAScheduler(**plan.asha, stop_last_trials=False)
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # early reports precede the first probe
+    progress = _tune_callback_class()(str(exp_dir), [t.key for t in plan.trials], plan.metric)
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([t.key for t in plan.trials])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler,
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+        run_config=tune.RunConfig(name=plan.name, storage_path=str(Path(plan.storage)), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0), callbacks=[progress]),
+    )
+
+
+def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str], None] = print,
+              extra_tables: Callable | None = None) -> SweepOutcome:
+    """Run (or resume) a sweep to the end, then write, log and print its summary.
+
+    extra_tables: Summary -> {file name: markdown}, more tables for the parent run (reproduce's layout).
+    """
+    from trainer.run import init_ray
+    from tune.summary import publish_summary
+
+    uri = resolve_tracking_uri(plan)
+    tracking.check_reachable(uri)
+    if plan.asha:
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    parent = open_sweep(plan, uri)
+    ctx = TrialContext(plan.name, str(plan.sweep_dir), uri, parent)
+    out(f"sweep {plan.name}: {len(plan.trials)} trials ({len(plan.groups())} configurations x seeds), "
+        f"folder {plan.sweep_dir}, MLflow parent run {parent} in '{plan.experiment}' ({tracking.redact(uri)})")
+    init_ray(address)
+    import ray
+
+    concurrency = trial_concurrency(plan, ray.cluster_resources())
+    out(f"sweep {plan.name}: up to {concurrency} trials at a time")
+    tuner = build_tuner(plan, ctx, concurrency)
+    grid = tuner.fit()
+    failed = {}
+    for result in grid:
+        if result.error is not None:
+            key = Path(result.path).name if result.path else "?"
+            failed[key] = str(result.error).strip().splitlines()[0][:200] if str(result.error).strip() else "error"
+    counts = ledger_counts(plan.sweep_dir, [t.key for t in plan.trials])
+    mark_stopped_runs(plan, uri)
+    summary, artifacts = publish_summary(plan, uri, parent, out=out, extra_tables=extra_tables)
+    complete = counts.get("finished", 0) + counts.get("stopped", 0) == len(plan.trials)
+    mlflow_utils.set_status(uri, parent, "FINISHED" if complete else ("FAILED" if failed else "KILLED"))
+    return SweepOutcome(plan, parent, uri, plan.sweep_dir, counts, summary, artifacts, failed)
+
+
+def mark_stopped_runs(plan: SweepPlan, uri: str) -> None:
+    """Child runs of trials the scheduler stopped early end KILLED (not FAILED, not RUNNING)."""
+    for t in plan.trials:
+        d = TrialLedger(plan.sweep_dir, t.key).read()
+        if d.get("status") == "stopped" and d.get("run_id"):
+            mlflow_utils.set_status(uri, d["run_id"], "KILLED")
+            mlflow_utils.set_tags(uri, d["run_id"], {"linrep.stopped_early": "scheduler"})
+
+
+def finish_message(outcome: SweepOutcome) -> int:
+    """Exit status of a sweep: 0 when every trial ended; faults name the first failed trial."""
+    n = len(outcome.plan.trials)
+    c = outcome.counts
+    ended = c.get("finished", 0) + c.get("stopped", 0)
+    if ended == n:
+        return 0
+    if outcome.failed or c.get("failed"):
+        first = next(iter(outcome.failed.items()), (None, None))
+        nfail = max(len(outcome.failed), c.get("failed", 0))
+        raise RuntimeFault(f"sweep {outcome.plan.name}: {nfail} of {n} trials failed"
+                           + (f" (first: {first[0]}: {first[1]})" if first[0] else "")
+                           + "; rerun the same command to resume them")
+    raise RuntimeFault(f"sweep {outcome.plan.name}: {n - ended} of {n} trials did not finish; "
+                       "rerun the same command to resume them")
+
+
+def run_sweep_cli(args) -> int:
+    """`linrep sweep SPEC [key=value ...] [--address A] [--name N]`."""
+    spec, text, path = load_spec(args.spec, name=getattr(args, "name", None))
+    plan = build_plan(spec, spec_text=text, where=str(path), cli_overrides=list(args.overrides or []))
+    outcome = run_sweep(plan, address=getattr(args, "address", None))
+    print(f"\nsweep {plan.name}: {outcome.counts.get('finished', 0)}/{len(plan.trials)} trials finished; "
+          f"MLflow parent run {outcome.parent_run_id} (experiment '{plan.experiment}'); "
+          f"summary in {plan.sweep_dir / 'summary'}")
+    return finish_message(outcome)
