@@ -11,7 +11,8 @@ import webdataset as wds
 from trainer.data import dsprites as ds
 from trainer.data.shards import load_manifest, verify_shards
 
-GIF = Path("/work/shared/fixtures/dsprites.gif")
+# shared/ lies beside the checkout (CI lays a copy there too)
+GIF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "dsprites.gif"
 if not GIF.exists():  # the fixture may travel with the repo in other checkouts
     GIF = Path(__file__).parent / "fixtures" / "dsprites.gif"
 
