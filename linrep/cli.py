@@ -27,7 +27,13 @@ FIGURE_ORDER = ["probe/r2_affine", "probe/r2_linear", "probe/sv_mae", "probe/r2_
 
 
 def _quiet_ray() -> None:
+    """Environment of long-running commands: deduplicated Ray logs, and MLflow calls that fail fast
+    (one retry, 10 s) instead of retrying for minutes when a tracking server is away."""
+    from trainer.tracking import FAST_FAIL_ENV
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for key, value in FAST_FAIL_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def format_figures(final: dict[str, float]) -> str:
