@@ -1,11 +1,11 @@
 """Sweeps: spec validation (before Ray starts), the plan, the summary, and real sweeps through
 Ray Tune with a real MLflow sqlite store: parent + child runs, artifacts, two trials at a time,
-and a sweep whose driver is killed mid-way and resumed by rerunning the same command."""
+a sweep whose driver is killed mid-way and resumed by rerunning the same command, and ASHA
+stopping trials early (their Train runs aborted, their CPUs freed)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
