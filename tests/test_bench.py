@@ -180,3 +180,55 @@ def test_every_benchmark_quick_through_the_cli(tmp_path):
         assert data["quick"] and not data["details"].get("error"), (name, data["details"].get("error"))
         assert data["ratio"] is not None and data["ratio"] > 0, name
     assert out.returncode == 0
+
+
+# ---- the engine changes made for performance -------------------------------------------------------
+def _classifier_and_engine(overrides: list[str], fused: bool = True):
+    from trainer.config import load_config
+    from trainer.engine import TorchEngine, lr_factor, make_optimizer
+    from trainer.models import InputSpec, build_classifier
+
+    cfg = load_config("synthetic-supervised", ["model.hidden=[16,16]", "optim.warmup_steps=2", *overrides])
+    torch.manual_seed(0)
+    engine = TorchEngine(build_classifier(cfg, InputSpec(dim=5), 100), cfg.optim, torch.device("cpu"))
+    if not fused:
+        engine.optimizer = make_optimizer(engine.module.parameters(), cfg.optim)
+        engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda s: lr_factor(s, cfg.optim))
+    return cfg, engine
+
+
+def _two_steps(engine) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        x, y = torch.randn(64, 5, generator=gen), torch.randint(100, (64,), generator=gen)
+        engine.backward(F.cross_entropy(engine.forward(x), y))
+        engine.step()
+    return torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+
+
+def test_torch_engine_fuses_adam_without_changing_the_update():
+    _, fused = _classifier_and_engine(["model.learn_temperature=true"])
+    _, plain = _classifier_and_engine(["model.learn_temperature=true"], fused=False)
+    assert fused.optimizer.param_groups[0]["fused"] is True and not plain.optimizer.param_groups[0].get("fused")
+    # the same arithmetic: equal up to float rounding (Adam amplifies rounding only after many steps)
+    assert torch.allclose(_two_steps(fused), _two_steps(plain), atol=1e-6)
+
+
+def test_torch_engine_bf16_autocast_only_when_asked():
+    from trainer.engine import autocast_dtype
+
+    cfg, engine = _classifier_and_engine([])
+    assert engine.autocast is None and autocast_dtype(cfg.optim, torch.device("cuda")) is None  # auto stays fp32
+    cfg.optim.precision = "bf16"  # the engine's side (the config allows bf16 only with a GPU today)
+    assert autocast_dtype(cfg.optim, torch.device("cpu")) is torch.bfloat16
+    from trainer.engine import TorchEngine
+    from trainer.models import InputSpec, build_classifier
+
+    bf = TorchEngine(build_classifier(cfg, InputSpec(dim=5), 100), cfg.optim, torch.device("cpu"))
+    bf.module.load_state_dict(engine.module.state_dict())
+    x = torch.randn(8, 5)
+    low, full = bf.forward(x), engine.forward(x)
+    assert low.dtype == torch.float32 and bf.module.encoder[0][0].weight.dtype == torch.float32  # fp32 master weights
+    assert not torch.equal(low, full) and torch.allclose(low, full, atol=0.1, rtol=0.05)  # computed in bf16
