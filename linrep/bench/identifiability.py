@@ -16,10 +16,10 @@ on the synthetic supervised task (d=5, |C|=100, κ=10).
   It runs in a fresh process too (same start-up costs) and stops once it has its streak.
 
 Threads: linrep's worker pins torch to its CPU share (run.cpus_per_worker=1 -> 1 thread) as it always
-does. The baseline gets the faster of torch's default (all cores, what the public code uses) and one
-thread, measured on a throwaway copy of its loop just before it starts (not counted): on an idle
+does. The baseline runs on the faster of torch's default (all cores, what the public code uses) and
+one thread, re-measured every 1,000 steps on its own training steps (ThreadChooser): on an idle
 2-core machine the default is faster (~76 vs ~65 steps/s here), on a loaded one a single thread can
-be several times faster. Both rates are stored with the result.
+be several times faster. Its choices are stored with the result.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class IdentSetup:
     streak: int = STREAK
     baseline_probe_every: int = 200
     baseline_max_steps: int = 30_000
-    baseline_max_s: float = 3600.0
-    baseline_threads: int | None = None   # None: the faster of torch's default and 1 (pick_threads)
+    baseline_max_s: float = 1800.0
+    baseline_threads: int | None = None   # None: the faster of torch's default and 1 (ThreadChooser)
 
 
 def make_setup(quick: bool) -> IdentSetup:
@@ -145,51 +145,57 @@ def _train_step(sample, encoder, head, opt, batch_size: int, rng) -> None:
     opt.step()
 
 
-def pick_threads(data: dict, hidden: list[int] | None, batch_size: int, steps: int = 15) -> tuple[int, dict]:
-    """The faster of 1 thread and torch's default for the baseline, on a throwaway copy of its loop.
+class ThreadChooser:
+    """Keeps the baseline on the faster of one thread and torch's default while the load changes.
 
-    A straightforward loop keeps the default (all cores); on a loaded machine one thread can be
-    several times faster. The baseline gets whichever is faster now, so it is never handicapped.
+    A straightforward loop keeps torch's default (all cores); on a loaded machine one thread can be
+    several times faster, on an idle one the default is (~76 vs ~65 steps/s on 2 idle cores). Every
+    `every` steps the next `trial` steps run with each candidate in turn and the faster is kept until
+    the next check. The trial steps are ordinary training steps: the baseline never loses work.
     """
-    import numpy as np
-    import torch
 
-    default = torch.get_num_threads()
-    rates = {}
-    for threads in sorted({1, default}):
-        torch.set_num_threads(threads)
-        sample, encoder, head, opt = _public_style_parts(data, hidden, 12345, 1e-3)
-        rng = np.random.default_rng(12345)
-        _train_step(sample, encoder, head, opt, batch_size, rng)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            _train_step(sample, encoder, head, opt, batch_size, rng)
-        rates[threads] = steps / (time.perf_counter() - t0)
-    best = max(rates, key=rates.get)
-    torch.set_num_threads(best)
-    return best, rates
+    def __init__(self, fixed: int | None, every: int = 1000, trial: int = 10):
+        import torch
+
+        self.candidates = [fixed] if fixed else sorted({1, torch.get_num_threads()})
+        self.every, self.trial = every, trial
+        self.current = self.candidates[-1]
+        self.choices: list[tuple[int, int, dict[int, float]]] = []  # (step, threads, steps/s per candidate)
+        self._rates: dict[int, float] = {}
+        self._t0 = 0.0
+        self._set(self.current)
+
+    def _set(self, threads: int) -> None:
+        from linrep.bench.harness import limit_threads
+
+        limit_threads(threads)
+
+    def before_step(self, step: int) -> None:
+        """Call before training step `step` (0-based)."""
+        if len(self.candidates) == 1:
+            return
+        phase = step % self.every
+        n = len(self.candidates)
+        if phase <= n * self.trial and phase % self.trial == 0:
+            now = time.perf_counter()
+            if phase:  # close the previous candidate's trial
+                self._rates[self.candidates[phase // self.trial - 1]] = self.trial / (now - self._t0)
+            if phase < n * self.trial:
+                self._set(self.candidates[phase // self.trial])
+            else:
+                self.current = max(self._rates, key=self._rates.get)
+                self.choices.append((step, self.current, dict(self._rates)))
+                self._set(self.current)
+            self._t0 = time.perf_counter()
 
 
 def run_baseline(data: dict, hidden: list[int] | None, seed: int, setup: dict, t_launch: float) -> dict[str, Any]:
-    """The public-code-style loop (runs in its own process). Returns its probes with unix timestamps.
-
-    The thread calibration (pick_threads) is not counted: its seconds are added to t_launch.
-    """
+    """The public-code-style loop (runs in its own process). Returns its probes with unix timestamps."""
     import numpy as np
     import torch
     from sklearn.linear_model import LinearRegression
 
-    from linrep.bench.harness import limit_threads
-
-    t_cal = time.time()
-    if setup["threads"]:
-        limit_threads(setup["threads"])
-        threads, rates = setup["threads"], {}
-    else:
-        threads, rates = pick_threads(data, hidden, setup["batch_size"])
-        limit_threads(threads)
-    calibration_s = time.time() - t_cal
-    t_launch += calibration_s
+    threads = ThreadChooser(setup["threads"])
     t_start = time.time()
     sample, encoder, head, opt = _public_style_parts(data, hidden, seed, setup["lr"])
     rng = np.random.default_rng(seed)
@@ -199,6 +205,7 @@ def run_baseline(data: dict, hidden: list[int] | None, seed: int, setup: dict, t
     t_train = time.time()
     step = 0
     for step in range(1, setup["max_steps"] + 1):
+        threads.before_step(step - 1)
         _train_step(sample, encoder, head, opt, setup["batch_size"], rng)
         if step % setup["probe_every"]:
             continue
@@ -210,13 +217,15 @@ def run_baseline(data: dict, hidden: list[int] | None, seed: int, setup: dict, t
         probes.append((step, float(r2), time.time()))
         if step % (setup["probe_every"] * 10) == 0:
             rate = step / (time.time() - t_train)
-            print(f"[bench identifiability] baseline step {step}: R² {r2:.4f}, {rate:.1f} steps/s",
-                  file=sys.stderr, flush=True)
+            print(f"[bench identifiability] baseline step {step}: R² {r2:.4f}, {rate:.1f} steps/s, "
+                  f"{threads.current} thread(s)", file=sys.stderr, flush=True)
         if first_streak(probes, setup["threshold"], setup["streak"]) or time.time() - t_launch > setup["max_s"]:
             break
+    choices = [c[1] for c in threads.choices]
     return {"probes": probes, "steps": step, "t_start": t_start, "t_train": t_train, "t_end": time.time(),
-            "t_launch": t_launch, "steps_per_s": step / max(time.time() - t_train, 1e-9), "threads": threads,
-            "thread_rates": rates, "calibration_s": calibration_s}
+            "t_launch": t_launch, "steps_per_s": step / max(time.time() - t_train, 1e-9),
+            "threads": max(set(choices), key=choices.count) if choices else threads.current,
+            "thread_choices": threads.choices}
 
 
 # ---- linrep, as users run it ----------------------------------------------------------------------
@@ -306,8 +315,7 @@ def bench_identifiability(ctx: BenchContext) -> BenchResult:
                         setup=baseline_settings(setup), t_launch=t_launch, timeout_s=setup.baseline_max_s + 600)
     ratio, figures, details = summarise(setup, lin, base, base["t_launch"])
     details.update({"preset": setup.preset, "overrides": setup.linrep_overrides, "threshold": setup.threshold,
-                    "streak": setup.streak, "baseline_thread_rates": base.get("thread_rates"),
-                    "baseline_calibration_s": base.get("calibration_s"),
+                    "streak": setup.streak, "baseline_thread_choices": base.get("thread_choices"),
                     "linrep_config": cfg.to_dict(),
                     "baseline": baseline_settings(setup)})
     base_text = (f"{figures['baseline_s']:.0f} s (step {figures['baseline_steps']:.0f})" if details["baseline_reached"]

@@ -9,9 +9,10 @@ Both train the paper's dSprites MLP (`dislib_mlp`, 3 x 512 Linear-BatchNorm-ReLU
   permutation and scaled to [0, 1] on the fly (no decoding at all). Its throughput does not
   depend on N, so N is capped (`memory_images`) to keep the benchmark's own memory modest.
 
-Each variant runs in a fresh process, so its peak RSS is its own: the training process's peak
-(ru_maxrss) and its DataLoader workers' (polled with psutil while training) are printed; "per
-worker" below means one Ray Train worker = the training process plus its loader processes.
+Each variant runs in a fresh process, so its peak memory is its own: the training process's peak
+RSS (ru_maxrss) and its DataLoader workers' RSS and USS (polled with psutil while training) are
+printed; "per worker" means one Ray Train worker = the training process plus its loader
+processes, counted as the trainer's RSS plus the loaders' unique pages.
 The full run uses the full 737,280-image set, generated once into data/dsprites-full.
 """
 
@@ -50,32 +51,43 @@ def ensure_shards(ctx: BenchContext, quick: bool) -> Path:
 
 
 class RssSampler:
-    """Polls this process's and its children's RSS (DataLoader workers) in a background thread."""
+    """Polls this process's RSS and its children's (DataLoader workers) in a background thread.
 
-    def __init__(self, every_s: float = 0.2):
+    Children are forked from the training process and share its pages (torch, the model), so
+    their RSS double-counts; their USS (pages only they hold) is what they add to the worker.
+    """
+
+    def __init__(self, every_s: float = 0.5):
         import psutil
 
         self.proc = psutil.Process()
         self.every_s = every_s
-        self.peak_self = self.peak_child = self.peak_total = 0
+        self.peak = {"self_rss": 0, "child_rss": 0, "child_uss": 0, "total_rss": 0, "total_uss": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        own = self.proc.memory_info().rss
+        rss = uss = 0
+        for child in self.proc.children(recursive=True):
+            try:
+                info = child.memory_full_info()
+            except psutil.Error:
+                continue
+            self.peak["child_rss"] = max(self.peak["child_rss"], info.rss)
+            self.peak["child_uss"] = max(self.peak["child_uss"], info.uss)
+            rss, uss = rss + info.rss, uss + info.uss
+        for key, value in (("self_rss", own), ("total_rss", own + rss), ("total_uss", own + uss)):
+            self.peak[key] = max(self.peak[key], value)
 
     def _run(self) -> None:
         import psutil
 
         while not self._stop.is_set():
             try:
-                own = self.proc.memory_info().rss
-                kids = []
-                for child in self.proc.children(recursive=True):
-                    try:
-                        kids.append(child.memory_info().rss)
-                    except psutil.Error:
-                        pass
-                self.peak_self = max(self.peak_self, own)
-                self.peak_child = max([self.peak_child, *kids])
-                self.peak_total = max(self.peak_total, own + sum(kids))
+                self._sample()
             except psutil.Error:
                 pass
             self._stop.wait(self.every_s)
@@ -93,10 +105,11 @@ class RssSampler:
         import resource
 
         # ru_maxrss is in KiB on Linux: the exact peak of this process (the poll may miss a spike).
-        own_peak = max(self.peak_self, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        child_peak = max(self.peak_child, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
-        return {"train_process_gib": own_peak / GIB, "loader_process_gib": child_peak / GIB,
-                "worker_total_gib": max(self.peak_total, own_peak) / GIB}
+        own = max(self.peak["self_rss"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return {"train_process_gib": own / GIB, "loader_process_gib": self.peak["child_rss"] / GIB,
+                "loader_unique_gib": self.peak["child_uss"] / GIB,
+                "worker_total_gib": max(self.peak["total_uss"], own) / GIB,
+                "worker_total_rss_gib": max(self.peak["total_rss"], own) / GIB}
 
 
 def _engine_and_config(config: dict):
@@ -213,14 +226,18 @@ def bench_streaming(ctx: BenchContext) -> BenchResult:
     figures = {"shards_samples_per_s": stream["median"], "memory_samples_per_s": mem["median"],
                "stream_train_process_peak_gib": rss["train_process_gib"],
                "stream_loader_process_peak_gib": rss["loader_process_gib"],
+               "stream_loader_process_unique_peak_gib": rss["loader_unique_gib"],
                "stream_worker_total_peak_gib": rss["worker_total_gib"],
+               "stream_worker_total_rss_sum_peak_gib": rss["worker_total_rss_gib"],
                "memory_train_process_peak_gib": max(mem1["rss"]["train_process_gib"], mem2["rss"]["train_process_gib"]),
                "dataset_images": float(manifest.num_samples)}
     details = {"root": str(root), "shards_windows": [round(v, 1) for v in shards["windows"]],
                "memory_windows": [round(v, 1) for v in mem1["windows"] + mem2["windows"]],
                "memory_images": mem1["images"], "train_images": n_train, **s, "loader_workers": 1, "threads": 1,
-               "rss_note": "RSS of forked loader workers counts pages shared with the training process"}
+               "rss_note": "worker_total = training-process RSS + loader USS (forked loaders share the "
+                           "trainer's pages, which their RSS counts again)"}
     summary = (f"shards {stream['median']:,.0f} vs memory {mem['median']:,.0f} samples/s on {manifest.num_samples:,} "
-               f"images; peak RSS per worker {rss['worker_total_gib']:.2f} GiB (training process "
-               f"{rss['train_process_gib']:.2f} + loader {rss['loader_process_gib']:.2f})")
+               f"images; peak memory per worker {rss['worker_total_gib']:.2f} GiB (training process RSS "
+               f"{rss['train_process_gib']:.2f} + loader's own pages {rss['loader_unique_gib']:.2f}; loader RSS "
+               f"{rss['loader_process_gib']:.2f} incl. pages shared with the trainer)")
     return make_result("streaming", ratio, summary, figures=figures, details=details)
