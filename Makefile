@@ -9,7 +9,7 @@ LINREP := $(VENV)/bin/linrep
 STAMP := $(VENV)/.linrep-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast ui bench clean
+.PHONY: install run test test-fast ui bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ ui: install
 ## every benchmark, results as JSON under results/bench and a table in the README
 bench: install
 	$(LINREP) bench
+
+## on a machine with one CUDA GPU: DeepSpeed bf16 + ZeRO-2 on timm ResNet-50 / ViT-B/16, a synthetic run on the GPU
+gpu-check: install
+	$(PY) -m linrep.bench.gpu_check
 
 clean:
 	rm -rf mlruns ray_results results

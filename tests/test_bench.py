@@ -232,3 +232,59 @@ def test_torch_engine_bf16_autocast_only_when_asked():
     low, full = bf.forward(x), engine.forward(x)
     assert low.dtype == torch.float32 and bf.module.encoder[0][0].weight.dtype == torch.float32  # fp32 master weights
     assert not torch.equal(low, full) and torch.allclose(low, full, atol=0.1, rtol=0.05)  # computed in bf16
+
+
+# ---- the GPU check script, on the CPU -------------------------------------------------------------
+GPU_CHECK_WITHOUT_RAY = """
+import sys
+sys.modules["ray"] = None     # the lent GPU machine has neither: importing them must not be needed
+sys.modules["mlflow"] = None
+from linrep.bench.gpu_check import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_gpu_check_quick_runs_without_ray_or_mlflow(tmp_path):
+    """The script sent to lent GPU machines, at tiny sizes on the CPU: real DeepSpeed ZeRO-2 (gloo),
+    a real checkpoint rebuilt by load_classifier, the synthetic loop with its probe."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "TORCH_EXTENSIONS_DIR": os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
+    out = subprocess.run([sys.executable, "-c", GPU_CHECK_WITHOUT_RAY, "--quick", "--out", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("gpu-check: DeepSpeed ZeRO-2 / torch engine images/s ")
+    data = json.loads((tmp_path / "gpu-check.json").read_text())
+    engines = {(e["encoder"], e["engine"]): e for e in data["engines"]}
+    assert set(engines) == {("resnet10t", "deepspeed"), ("resnet10t", "ddp"), ("vit_tiny_patch16_224", "deepspeed")}
+    assert all(e["images_per_s"] > 0 and math.isfinite(e["loss"]) for e in engines.values())
+    ckpt = data["checkpoint"]
+    assert ckpt["complete"] and ckpt["step"] == 1 and ckpt["max_logit_diff"] < 1e-4  # fp32 on the CPU
+    syn = data["synthetic"]
+    assert syn["steps"] == 60 and len(syn["probes"]) == 3 and syn["final"]["probe/r2_affine"] > 0.2
+
+
+DEEPSPEED_BF16_BATCHNORM = """
+import torch
+from linrep.bench.gpu_check import image_config, init_single_process_group
+from trainer.engine import DeepSpeedEngine
+from trainer.loop import train_step
+from trainer.models import InputSpec, build_classifier
+init_single_process_group(torch.device("cpu"))
+cfg = image_config("resnet10t", "deepspeed", 2, 4, 32, False)
+engine = DeepSpeedEngine(build_classifier(cfg, InputSpec(channels=3, size=32), 10), cfg.optim, torch.device("cpu"),
+                         micro_batch=4, bf16=True)
+x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+losses = [float(train_step(engine, x, y, 0.0)[0]) for _ in range(2)]
+assert all(l == l for l in losses), losses
+print(sorted(str(b.dtype) for b in engine.module.buffers() if b.is_floating_point())[0])
+"""
+
+
+def test_deepspeed_bf16_trains_a_batchnorm_network(tmp_path):
+    """DeepSpeed 0.19 keeps buffers fp32 unless told: BatchNorm then fails in bf16 (seen on an H100)."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", DEEPSPEED_BF16_BATCHNORM], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "torch.bfloat16"

@@ -172,6 +172,11 @@ class RunConfig(_Section):
     """Log train metrics and the console progress line every N steps."""
     resume: bool = True
     """Rerunning the same config resumes its run (same run.name); False starts a fresh run."""
+    report_poll_s: float = Field(0.2, gt=0, le=60)
+    """How often Ray Train's controller collects the workers' reports (Ray's
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A worker blocks on its second uncollected
+    report, so Ray's default caps a run at one checkpoint per 2 s: measured 2.0 s per 50-step
+    checkpoint when the 50 steps took 0.8 s."""
 
 
 class TrackingConfig(_Section):

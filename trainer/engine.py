@@ -144,6 +144,11 @@ class DeepSpeedEngine:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        if bf16:
+            # DeepSpeed >= 0.19 casts parameters only and keeps buffers fp32; BatchNorm then fails
+            # (bf16 weights, fp32 running stats: "expected scalar type BFloat16 but found Float",
+            # found on an H100 with timm ResNet-50). Cast buffers with the parameters, as before.
+            ds_config["data_types"] = {"buffer_dtype": "bf16"}
         if optim.grad_clip:
             ds_config["gradient_clipping"] = optim.grad_clip
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(

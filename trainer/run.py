@@ -137,6 +137,8 @@ def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = 
     callbacks: Ray Train callbacks, e.g. TuneReportCallback() when this runs inside a Tune trial.
     """
     trainer = make_trainer(handle, probe_actor, callbacks)
+    # Ray Train passes this variable from the driver to the controller it starts (here or on a cluster)
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(handle.cfg.run.report_poll_s)
     result = trainer.fit()
     err = getattr(result, "error", None)
     ckpt = result.checkpoint.path if result.checkpoint else None
