@@ -59,6 +59,9 @@ BAD = [
     (["nosection=1"], "nosection"),
     (["data.conditional=cauchy"], "data.conditional"),
     (["model.case=C5"], "model.case"),
+    (["run.stop_at={val/acc: 0.999}", "probe.enabled=false"], "run.stop_at"),
+    (["run.stop_at={train/loss: 0.1}"], "run.stop_at"),
+    (["run.stop_at=0.999"], "run.stop_at"),
 ]
 
 
@@ -68,6 +71,11 @@ def test_bad_values_are_refused_naming_the_key(overrides, key):
         load_config("synthetic-supervised", overrides)
     msg = str(err.value)
     assert key in msg and "\n" not in msg
+
+
+def test_stop_at_takes_a_mapping_of_probe_figures():
+    cfg = load_config("synthetic-supervised", ["run.stop_at={probe/r2_affine: 0.99, val/acc: 0.5}"])
+    assert cfg.run.stop_at == {"probe/r2_affine": 0.99, "val/acc": 0.5}
 
 
 def test_override_syntax():

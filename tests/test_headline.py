@@ -44,24 +44,25 @@ def test_diet_recovers_latents_and_cluster_vectors_case_c1(tmp_path):
 
 @pytest.mark.slow
 def test_dsprites_mlp_classifier_features_decode_the_factors(tmp_path):
-    """PAPER.md 4.2 on a 100,000-image dSprites subset, the paper's batch regime (2 workers x 1024),
-    trained until validation accuracy ~0.999 (300 steps)."""
+    """PAPER.md 4.2 on the full 737,280-image dSprites (generated here, ~2.6 min on 2 cores), the
+    paper's recipe (`dislib-dsprites-mlp`: Adam 1e-3, batch 4096) on 2 DeepSpeed workers, capped at
+    2 epochs (300 steps) for CI; the preset's own stop (val/acc > 0.999) comes at ~600 steps."""
     from mlflow.tracking import MlflowClient
 
     from trainer.data.dsprites import generate_dsprites
+    from trainer.data.shards import load_manifest
 
     root = tmp_path / "dsprites"
-    generate_dsprites(root, seed=0, samples_per_shard=5000, processes=2, limit=100_000, progress=False)
-    out = run_linrep(["train", "dislib-dsprites-mlp", f"data.root={root}", "run.workers=2", "optim.batch_size=2048",
-                      "optim.steps=300", "run.checkpoint_every=100", "optim.lr=0.002",
-                      "probe.max_train_samples=40000"], cwd=tmp_path, timeout=2400)
+    generate_dsprites(root, seed=0, processes=2, progress=False)
+    assert load_manifest(root).num_samples == 737_280
+    out = run_linrep(["train", "dislib-dsprites-mlp", f"data.root={root}", "run.workers=2", "optim.steps=300",
+                      "run.checkpoint_every=100"], cwd=tmp_path, timeout=2400)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("dislib-dsprites").experiment_id])[0]
     m = run.data.metrics  # the last checkpoint's figures
     print("dSprites MLP:", {k: round(v, 4) for k, v in sorted(m.items()) if k.startswith(("probe/p", "val/"))})
-    assert m["val/acc"] >= 0.94                                        # paper: shape 0.94 (decoded)
+    assert m["val/acc"] >= 0.94                                        # the issue's bar (shape)
     assert m["probe/pearson/scale"] >= 0.95                            # paper: 0.98
     assert m["probe/pearson/scale"] > m["probe/pearson_pixels/scale"]  # above the raw-pixel baseline
-    # paper: posX/posY 0.97; this CPU-sized run reaches ~0.94 (see the README's figures table)
-    assert m["probe/pearson/posX"] >= 0.90 and m["probe/pearson/posY"] >= 0.90
+    assert m["probe/pearson/posX"] >= 0.95 and m["probe/pearson/posY"] >= 0.95  # paper: 0.97 / 0.97

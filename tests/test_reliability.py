@@ -105,7 +105,8 @@ def dsprites_tiny(tmp_path_factory) -> Path:
 
 
 DS_ARGS = ["optim.batch_size=128", "run.checkpoint_every=20", "run.log_every=10", "probe.max_train_samples=800",
-           "probe.max_eval_samples=300", "optim.warmup_steps=2", "data.shuffle_buffer=100", "model.hidden=[64,64,64]"]
+           "probe.max_eval_samples=300", "optim.warmup_steps=2", "data.shuffle_buffer=100", "model.hidden=[64,64,64]",
+           "run.stop_at={}"]  # exact step counts are asserted: no early stop
 
 
 def test_deepspeed_worker_sigkill_restarts_exactly_once(tmp_path, dsprites_tiny):

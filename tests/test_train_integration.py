@@ -73,3 +73,28 @@ def test_two_workers_killed_resumed_metrics_exactly_once(tmp_path):
     assert params["run.workers"] == "2" and params["data.kappa"] == "10.0"
     assert [read_meta(p)["step"] for p in list_checkpoints(run_dir)][-1] == STEPS
     assert "final probe figures" in log and run_id in log
+
+
+def test_stop_at_ends_two_workers_together_after_the_probe_reaches_it(tmp_path):
+    """run.stop_at (the paper's 'stop once validation accuracy > 0.999'): rank 0 sees the probe's
+    figures and both DDP ranks leave the loop at the same checkpoint; the cap is never reached."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import run_linrep
+
+    args = ["train", "synthetic-supervised", "optim.steps=3000", "run.workers=2", "run.checkpoint_every=25",
+            "run.log_every=25", "probe.samples=1024", "data.generator_pool=1000", "model.hidden=[64,64]",
+            "optim.warmup_steps=10", "run.name=stopper", "run.stop_at={probe/r2_affine: 0.6}"]
+    out = run_linrep(args, cwd=tmp_path, timeout=900)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "reached probe/r2_affine" in log and "(run.stop_at)" in log
+    steps = [read_meta(p)["step"] for p in list_checkpoints(tmp_path / "ray_results" / "stopper")]
+    last = max(steps)
+    assert last < 3000 and last % 25 == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    (reached_step,) = [int(m.value) for m in client.get_metric_history(run.info.run_id, "train/stop_reached_step")]
+    r2 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "probe/r2_affine")}
+    assert r2[reached_step] >= 0.6 and reached_step < last

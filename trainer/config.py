@@ -172,6 +172,10 @@ class RunConfig(_Section):
     """Log train metrics and the console progress line every N steps."""
     resume: bool = True
     """Rerunning the same config resumes its run (same run.name); False starts a fresh run."""
+    stop_at: dict[str, float] = Field(default_factory=dict)
+    """Stop early once one probe reaches all of these figures (metric -> threshold, reached at >=),
+    e.g. {val/acc: 0.999}: the paper's DisLib rule. Probes run beside training, so the run ends at
+    the first checkpoint after the probe that reached them; optim.steps is then the cap."""
     report_poll_s: float = Field(0.2, gt=0, le=60)
     """How often Ray Train's controller collects the workers' reports (Ray's
     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A worker blocks on its second uncollected
@@ -293,6 +297,12 @@ class Config(_Section):
             raise ConfigError("optim.precision=bf16 needs run.use_gpu=true (CPU training runs fp32)")
         if o.grad_accum > 1 and o.engine != "deepspeed":
             raise ConfigError("optim.grad_accum > 1 needs optim.engine=deepspeed")
+        if r.stop_at and not self.probe.enabled:
+            raise ConfigError(f"run.stop_at={r.stop_at} needs probe.enabled=true (the probe actor computes the figures)")
+        bad = [k for k in r.stop_at if not k.startswith(("probe/", "val/"))]
+        if bad:
+            raise ConfigError(f"run.stop_at: {bad[0]} is not a probe figure (probe/... or val/..., "
+                              "see the README's metric names)")
         return self
 
     # ---- (de)serialisation ----------------------------------------------------------------

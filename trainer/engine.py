@@ -70,6 +70,15 @@ def world_rank() -> int:
     return torch.distributed.get_rank() if _is_distributed() else 0
 
 
+def rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's flag on every rank: all ranks must leave the training loop at the same step."""
+    if not _is_distributed() or torch.distributed.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())
+
+
 class TorchEngine:
     """DDP (or a bare module on one worker) + torch optimiser + LambdaLR."""
 

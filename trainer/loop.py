@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from trainer.checkpoint import is_complete, list_checkpoints, make_meta, read_meta, write_checkpoint
 from trainer.config import Config, from_dict
 from trainer.data.sources import TrainData, create_train_data
-from trainer.engine import setup_engine
+from trainer.engine import rank0_decides, setup_engine
 from trainer.models import build_classifier
 from trainer.tracking import MetricLogger
 
@@ -136,6 +136,13 @@ class Progress:
               f"{m['train/samples_per_s']:,.0f} samples/s{probe}", flush=True)
 
 
+def stop_reached(stop_at: dict[str, float], figures: dict[str, float]) -> str:
+    """'val/acc 0.9993 >= 0.999, ...' when the figures reach every threshold of run.stop_at, else ''."""
+    if not figures or any(figures.get(k, float("-inf")) < v for k, v in stop_at.items()):
+        return ""
+    return ", ".join(f"{k} {figures[k]:.4g} >= {v:g}" for k, v in stop_at.items())
+
+
 def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContext, rank: int,
           logger: MetricLogger | None) -> None:
     run, optim = cfg.run, cfg.optim
@@ -173,6 +180,14 @@ def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContex
             if latest:
                 report["probe_step"] = int(latest.get("step", 0))
             save_and_report(engine, cfg, data, done, report, ctx, rank, logger)
+            if run.stop_at and rank0_decides(bool(stop_reached(run.stop_at, latest)), engine.device):
+                if rank == 0:
+                    reached = stop_reached(run.stop_at, latest)
+                    print(f"[linrep] stopping at step {done}: the probe of step {int(latest.get('step', 0))} "
+                          f"reached {reached} (run.stop_at)", flush=True)
+                    if logger:
+                        logger.log({"train/stop_reached_step": float(latest.get("step", 0))}, done)
+                break
             t0 = time.perf_counter()  # checkpoint time is not training throughput
 
 

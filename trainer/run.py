@@ -59,8 +59,17 @@ def preflight(cfg: Config) -> None:
     verified(manifest, "train", cfg.data.on_error)
 
 
+def absolute_data_root(cfg: Config) -> None:
+    """A relative data.root means relative to where the command runs; Ray workers and probe actors
+    run elsewhere (their own working folders), so the driver fixes it to an absolute path first."""
+    root = cfg.data.root
+    if not cfg.is_synthetic and root and "://" not in root and not Path(root).expanduser().is_absolute():
+        cfg.data.root = str(Path(root).expanduser().resolve())
+
+
 def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str | None = None) -> RunHandle:
     """Preflight, then name the run, open its MLflow run (reused on resume) and fix its storage folder."""
+    absolute_data_root(cfg)
     preflight(cfg)
     run_key = cfg.run_name()
     if not cfg.run.resume:
