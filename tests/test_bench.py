@@ -255,8 +255,10 @@ def test_gpu_check_quick_runs_without_ray_or_mlflow(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].startswith("gpu-check: DeepSpeed ZeRO-2 / torch engine images/s ")
     data = json.loads((tmp_path / "gpu-check.json").read_text())
-    engines = {(e["encoder"], e["engine"]): e for e in data["engines"]}
-    assert set(engines) == {("resnet10t", "deepspeed"), ("resnet10t", "ddp"), ("vit_tiny_patch16_224", "deepspeed")}
+    engines = {(e["encoder"], e["engine"], e["channels_last"]): e for e in data["engines"]}
+    assert set(engines) == {("resnet10t", "deepspeed", False), ("resnet10t", "deepspeed", True),  # CPU: NCHW first
+                            ("resnet10t", "ddp", False), ("resnet10t", "ddp", True),
+                            ("vit_tiny_patch16_224", "deepspeed", False)}
     assert all(e["images_per_s"] > 0 and math.isfinite(e["loss"]) for e in engines.values())
     ckpt = data["checkpoint"]
     assert ckpt["complete"] and ckpt["step"] == 1 and ckpt["max_logit_diff"] < 1e-4  # fp32 on the CPU

@@ -79,10 +79,23 @@ def rank0_decides(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def wants_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Convolutional models on CUDA run NHWC: cuDNN's tensor-core kernels want it (the lent H200's
+    ResNet-50 figures are in the README); elsewhere NCHW stays."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
 class TorchEngine:
     """DDP (or a bare module on one worker) + torch optimiser + LambdaLR."""
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device):
+    def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device, channels_last: bool = False):
+        self.channels_last = channels_last
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.module = model.to(device)
         self.device = device
         self.optim_cfg = optim
@@ -98,6 +111,7 @@ class TorchEngine:
         self.wrapped.train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_memory_format(x, self.channels_last)
         if self.autocast is None:
             return self.wrapped(x)
         with torch.autocast(self.device.type, dtype=self.autocast):
@@ -135,11 +149,16 @@ class TorchEngine:
 class DeepSpeedEngine:
     """deepspeed.initialize on the Ray Train process group; ZeRO 0/1/2, bf16 on GPU."""
 
-    def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device, micro_batch: int, bf16: bool):
+    def __init__(self, model: nn.Module, optim: OptimConfig, device: torch.device, micro_batch: int, bf16: bool,
+                 channels_last: bool = False):
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        # channels_last here means NHWC inputs only: ZeRO flattens the parameters into one buffer,
+        # which needs them contiguous (NHWC weights fail: "self.stride(-1) must be 1 to view Float
+        # as Byte"). cuDNN then runs NHWC and converts each weight on the fly.
+        self.channels_last = channels_last
         self.module = model.to(device)
         self.device = device
         optimizer = make_optimizer(self.module.parameters(), optim)
@@ -169,6 +188,7 @@ class DeepSpeedEngine:
         self.ds.train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_memory_format(x, self.channels_last)
         if self.bf16:
             x = x.to(torch.bfloat16)
         return self.ds(x).float()
@@ -195,13 +215,16 @@ class DeepSpeedEngine:
         return client_state or {}
 
 
-def setup_engine(model: nn.Module, optim: OptimConfig, run: RunConfig, device: torch.device, world_size: int):
-    """The distributed engine, set up in one place."""
+def setup_engine(model: nn.Module, optim: OptimConfig, run: RunConfig, device: torch.device, world_size: int,
+                 channels_last: bool | None = None):
+    """The distributed engine, set up in one place. channels_last: None = wants_channels_last."""
+    if channels_last is None:
+        channels_last = wants_channels_last(model, device)
     if optim.engine == "deepspeed":
         bf16 = device.type == "cuda" and optim.precision in ("auto", "bf16")
         micro = optim.batch_size // world_size // optim.grad_accum
-        return DeepSpeedEngine(model, optim, device, micro_batch=max(1, micro), bf16=bf16)
-    return TorchEngine(model, optim, device)
+        return DeepSpeedEngine(model, optim, device, micro_batch=max(1, micro), bf16=bf16, channels_last=channels_last)
+    return TorchEngine(model, optim, device, channels_last=channels_last)
 
 
 def is_deepspeed_checkpoint(directory: Path) -> bool:

@@ -63,7 +63,7 @@ def image_config(encoder: str, engine: str, zero: int, batch: int, size: int, gp
 
 
 def engine_throughput(encoder: str, engine_name: str, zero: int, batch: int, size: int, steps: int,
-                      device: torch.device, keep: bool = False) -> dict[str, Any]:
+                      device: torch.device, keep: bool = False, channels_last: bool | None = None) -> dict[str, Any]:
     """images/s of train_step on random images already on the device (median of 3 timed windows)."""
     from trainer.engine import setup_engine
     from trainer.loop import train_step
@@ -73,7 +73,8 @@ def engine_throughput(encoder: str, engine_name: str, zero: int, batch: int, siz
     torch.manual_seed(0)
     spec = InputSpec(channels=3, size=size)
     num_outputs = 1000
-    engine = setup_engine(build_classifier(cfg, spec, num_outputs), cfg.optim, cfg.run, device, 1)
+    engine = setup_engine(build_classifier(cfg, spec, num_outputs), cfg.optim, cfg.run, device, 1,
+                          channels_last=channels_last)
     engine.train()
     x = torch.rand(batch, 3, size, size, device=device)  # [B,3,H,W]
     y = torch.randint(0, num_outputs, (batch,), device=device)
@@ -92,10 +93,11 @@ def engine_throughput(encoder: str, engine_name: str, zero: int, batch: int, siz
         rates.append(steps * batch / (time.perf_counter() - t0))
     out = {"encoder": encoder, "engine": engine_name, "zero_stage": zero if engine_name == "deepspeed" else None,
            "precision": "bf16" if device.type == "cuda" else "fp32", "batch": batch, "image_size": size,
+           "channels_last": engine.channels_last,
            "images_per_s": sorted(rates)[1], "windows": [round(r, 1) for r in rates], "loss": float(loss),
            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     log(f"{encoder} {engine_name}{f' ZeRO-{zero}' if engine_name == 'deepspeed' else ''} {out['precision']} "
-        f"batch {batch}: {out['images_per_s']:,.0f} images/s")
+        f"{'NHWC' if engine.channels_last else 'NCHW'} batch {batch}: {out['images_per_s']:,.0f} images/s")
     if keep:
         out["_parts"] = (cfg, spec, num_outputs, engine, x)
     return out
@@ -194,7 +196,13 @@ def run_checks(quick: bool, out_dir: Path, synthetic_max_s: float) -> dict[str, 
     result["checkpoint"] = checkpoint_roundtrip(parts, device)
     del parts
     result["engines"].append(ds)
-    result["engines"].append(engine_throughput(small, "ddp", 0, batch, size, steps, device))
+    result["engines"].append(engine_throughput(small, "deepspeed", 2, batch, size, steps, device,
+                                               channels_last=not ds["channels_last"]))
+    ddp = engine_throughput(small, "ddp", 0, batch, size, steps, device)  # NHWC on CUDA (wants_channels_last)
+    result["engines"].append(ddp)
+    # the torch engine in the other memory layout, for the ratio of the engine's choice
+    result["engines"].append(engine_throughput(small, "ddp", 0, batch, size, steps, device,
+                                               channels_last=not ddp["channels_last"]))
     result["engines"].append(engine_throughput(vit, "deepspeed", 2, batch, size, steps, device))
     result["synthetic"] = synthetic_identifiability(device, quick, synthetic_max_s)
     path = result_path(out_dir, "gpu-check", machine)
@@ -211,8 +219,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop the synthetic run after this many seconds")
     args = parser.parse_args(argv)
     result = run_checks(args.quick, Path(args.out), args.synthetic_max_s)
-    ds, ddp = result["engines"][0], result["engines"][1]
+    ds, ds_other, ddp, ddp_other = result["engines"][:4]
+
+    def layouts(a: dict, b: dict) -> str:
+        return (f"{'NHWC' if a['channels_last'] else 'NCHW'} / {'NHWC' if b['channels_last'] else 'NCHW'} "
+                f"{a['images_per_s'] / b['images_per_s']:.3f}")
+
     print(f"gpu-check: DeepSpeed ZeRO-2 / torch engine images/s {ds['images_per_s'] / ddp['images_per_s']:.3f}; "
+          f"DeepSpeed {layouts(ds, ds_other)}; torch engine {layouts(ddp, ddp_other)}; "
           f"synthetic R² >= {result['synthetic']['threshold']} after {result['synthetic']['reached_s'] or float('nan'):.1f} s")
     return 0
 

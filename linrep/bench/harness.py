@@ -393,10 +393,28 @@ def save_result(result: BenchResult, out: Path) -> Path:
     return path
 
 
+GPU_CHECK = "gpu-check"
+
+
+def load_gpu_checks(out: Path) -> list[dict[str, Any]]:
+    """The `gpu-check[.<gpu>].json` files of `python -m linrep.bench.gpu_check` (unreadable ones skipped)."""
+    found = []
+    for path in sorted(Path(out).glob(f"{GPU_CHECK}*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("engines") and not data.get("quick"):
+            found.append(data)
+    return found
+
+
 def load_results(out: Path) -> list[dict[str, Any]]:
     """Every `<name>.json` / `<name>.<gpu>.json` in a results folder, in benchmark order."""
     found = []
     for path in sorted(Path(out).glob("*.json")):
+        if path.name.startswith(GPU_CHECK):
+            continue  # the GPU check's own results (linrep/bench/gpu_check.py): see load_gpu_checks
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):

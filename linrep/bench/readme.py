@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from linrep.bench.harness import OPS, load_results
+from linrep.bench.harness import OPS, load_gpu_checks, load_results
 from trainer.errors import UserError
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -83,7 +83,34 @@ def render_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_block(results: list[dict[str, Any]]) -> str:
+def render_gpu_checks(checks: list[dict[str, Any]]) -> str:
+    """One table per `make gpu-check` result: engine images/s, then the synthetic run on the GPU."""
+    parts = []
+    for c in checks:
+        m = c.get("machine", {})
+        lines = [f"**GPU check** (`make gpu-check`, one process, no Ray; {m.get('gpu', '?')}, torch {m.get('torch', '?')}): "
+                 "train steps on random 224x224 images already on the GPU, median of 3 windows.", "",
+                 "| model | engine | precision | layout | batch | images/s | peak GPU memory |", "|---|---|---|---|---|---|---|"]
+        for e in c["engines"]:
+            engine = f"DeepSpeed ZeRO-{e['zero_stage']}" if e["engine"] == "deepspeed" else "torch (DDP)"
+            layout = "NHWC" if e.get("channels_last") else "NCHW"
+            mem = f"{e['peak_gpu_gib']:.1f} GiB" if e.get("peak_gpu_gib") else "–"
+            lines.append(f"| {e['encoder']} | {engine} | {e['precision']} | {layout} | {e['batch']} | "
+                         f"{e['images_per_s']:,.0f} | {mem} |")
+        syn, ck = c.get("synthetic", {}), c.get("checkpoint", {})
+        if syn:
+            reached = (f"R² z̃→z ≥ {syn['threshold']} three probes running from step {syn['reached_step']} "
+                       f"({syn['reached_s']:.1f} s after start)" if syn.get("reached_step") else "R² not reached")
+            lines += ["", f"Synthetic (`{syn['preset']}` on the GPU, on-device sampling): {syn['steps_per_s']:.0f} "
+                          f"steps/s at batch {syn['batch']}; {reached}; final R² "
+                          f"{syn['final'].get('probe/r2_affine', float('nan')):.4f}. A ZeRO-2 checkpoint rebuilt by "
+                          f"`load_classifier` gives logits within {ck.get('max_logit_diff', float('nan')):.1e} of the "
+                          "engine's."]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def render_block(results: list[dict[str, Any]], gpu_checks: list[dict[str, Any]] | None = None) -> str:
     """The markdown between the markers: how to run, the table, the scaling note."""
     head = ("`make bench` (or `linrep bench [identifiability overhead streaming scaling probes sweep]`) runs each "
             "benchmark beside its reference in the same run and ends each with `<name>: ratio <value> (target <op> "
@@ -91,7 +118,8 @@ def render_block(results: list[dict[str, Any]]) -> str:
             "This table is generated from those files (`python -m linrep.bench.readme`). The figures were taken "
             "on a shared machine: the load average is part of each result.")
     table = render_table(results) if results else "_No results yet: run `make bench`._"
-    return f"{head}\n\n{table}\n\n{PROFILE_NOTE}\n\n{SCALING_NOTE}"
+    gpu = f"\n\n{render_gpu_checks(gpu_checks)}" if gpu_checks else ""
+    return f"{head}\n\n{table}{gpu}\n\n{PROFILE_NOTE}\n\n{SCALING_NOTE}"
 
 
 def replace_block(text: str, block: str) -> str:
@@ -109,7 +137,7 @@ def update_readme(results_dir: Path, readme: Path) -> str:
     """Rewrite README's bench block from the JSON results in `results_dir` (atomically)."""
     readme = Path(readme)
     text = readme.read_text() if readme.exists() else ""
-    new = replace_block(text, render_block(load_results(Path(results_dir))))
+    new = replace_block(text, render_block(load_results(Path(results_dir)), load_gpu_checks(Path(results_dir))))
     tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
     tmp.write_text(new)
     os.replace(tmp, readme)
