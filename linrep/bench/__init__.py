@@ -111,7 +111,8 @@ def bench_cli(args) -> int:
         from linrep.bench.readme import default_readme, update_readme
 
         readme = default_readme()
-        if readme is not None:
+        # only the README's own results folder feeds its table (an --out elsewhere is a private run)
+        if readme is not None and Path(out).resolve() == (readme.parent / "results" / "bench").resolve():
             update_readme(out, readme)
             print(f"\nREADME Performance table regenerated from {out}/*.json ({readme})", file=sys.stderr)
     return 1 if failed else 0
