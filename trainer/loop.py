@@ -180,9 +180,9 @@ def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContex
             if latest:
                 report["probe_step"] = int(latest.get("step", 0))
             save_and_report(engine, cfg, data, done, report, ctx, rank, logger)
-            if run.stop_at and rank0_decides(bool(stop_reached(run.stop_at, latest)), engine.device):
+            reached = stop_reached(run.stop_at, latest) if run.stop_at else ""
+            if run.stop_at and rank0_decides(bool(reached), engine.device):
                 if rank == 0:
-                    reached = stop_reached(run.stop_at, latest)
                     print(f"[linrep] stopping at step {done}: the probe of step {int(latest.get('step', 0))} "
                           f"reached {reached} (run.stop_at)", flush=True)
                     if logger:

@@ -35,7 +35,7 @@ from torchvision.io import decode_png
 
 from trainer.config import DataConfig
 from trainer.data.shards import Manifest, shard_urls
-from trainer.data.tario import group_samples, split_name, tar_members
+from trainer.data.tario import group_samples, tar_members
 from trainer.errors import RuntimeFault, UserError
 
 Transform = Callable[[Image.Image], Any]
@@ -138,15 +138,9 @@ class _Fault:
 def read_slice(sl: ShardSlice, fault: _Fault) -> Iterator[dict]:
     """Raw samples (bytes per field, plus __key__/__url__) of one shard slice, in shard order."""
     where = {"key": "<start>"}  # key of the last file read whole: the corruption follows it
-
-    def files(fh) -> Iterator[dict]:
-        for f in tar_members(fh):
-            where["key"] = split_name(f["fname"])[0] or f["fname"]
-            yield f
-
     try:
         with open(sl.url, "rb") as fh:
-            for position, sample in enumerate(group_samples(files(fh), sl.url)):
+            for position, sample in enumerate(group_samples(tar_members(fh), sl.url, where)):
                 if sl.limit is not None and position >= sl.limit:
                     return
                 if sl.keeps(position):
@@ -194,7 +188,7 @@ class SampleDecoder:
         self.mode = "L" if manifest.channels == 1 else "RGB"
         self.size = image_size
         self.transform = transform
-        self._npy_header: tuple[bytes, np.dtype, tuple] | None = None
+        self._npy_header: tuple[bytes, np.dtype, int] | None = None
 
     def image(self, data: bytes) -> torch.Tensor:
         if self.transform is None and self.field == "png" and _png_fits(data, self.mode, self.size):
@@ -211,15 +205,13 @@ class SampleDecoder:
 
     def factors(self, data: bytes) -> torch.Tensor:
         """factors.npy -> float32 [F]; the header (same for every sample of a dataset) is parsed once."""
-        cached = self._npy_header
-        if cached is not None and data.startswith(cached[0]) and len(data) == len(cached[0]) + cached[1].itemsize * int(np.prod(cached[2])):
+        cached = self._npy_header  # (header bytes, dtype, whole file length)
+        if cached is not None and len(data) == cached[2] and data.startswith(cached[0]):
             arr = np.frombuffer(data, dtype=cached[1], offset=len(cached[0]))
         else:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
-            if arr.dtype.kind in "fiu" and not arr.dtype.hasobject:
-                header_len = len(data) - arr.nbytes
-                if header_len > 0 and arr.flags.c_contiguous:
-                    self._npy_header = (data[:header_len], arr.dtype, arr.shape)
+            if arr.dtype.kind in "fiu" and arr.flags.c_contiguous and len(data) > arr.nbytes:
+                self._npy_header = (data[:len(data) - arr.nbytes], arr.dtype, len(data))
         return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1).copy())
 
     def __call__(self, sample: dict) -> dict:

@@ -90,11 +90,16 @@ def split_name(fname: str) -> tuple[str, str]:
     return (fname, "") if dot < 0 else (fname[:dot], fname[dot + 1:])
 
 
-def group_samples(members: Iterator[dict], url: str) -> Iterator[dict]:
-    """Consecutive members with the same key -> one sample ``{"__key__", "__url__", field: bytes}``."""
+def group_samples(members: Iterator[dict], url: str, where: dict | None = None) -> Iterator[dict]:
+    """Consecutive members with the same key -> one sample ``{"__key__", "__url__", field: bytes}``.
+
+    ``where["key"]``, when given, follows the key of the last member read whole (for error messages).
+    """
     sample: dict | None = None
     for member in members:
         key, field = split_name(member["fname"])
+        if where is not None:
+            where["key"] = key or member["fname"]
         if not field or key.rsplit("/", 1)[-1].startswith("__"):
             continue  # no field, or webdataset's __meta__-style files
         if sample is None or sample["__key__"] != key:
