@@ -1,4 +1,13 @@
-"""MLflow, and only here: the default store, run naming/resume, and one small log(metrics, step).
+"""MLflow, and only here: the one tracking interface of linrep.
+
+Everything that reads or writes runs goes through this module's public functions (nothing else
+imports mlflow; an import-linter contract enforces it):
+- runs: `open_run` (a training run, found again on resume), `create_run` (a sweep parent, a
+  benchmark, a probe report), `find_runs` / `get_run` / `run_exists`, `child_runs`,
+  `set_status` / `end_run`, `set_tags`;
+- values: `log_params` (batched; params already on the run are kept), `log_metrics` (one step),
+  `MetricLogger` (many steps, buffered), `metric_history` / `metric_points` / `latest_metrics`;
+- files: `log_artifact`, `log_text`, `log_figure`, `log_model` (a checkpoint folder).
 
 mlflow is imported lazily (workers that never log never import it). The default store is a sqlite
 database ./mlruns/mlflow.db with artifacts under ./mlruns/artifacts; MLFLOW_TRACKING_URI (or
@@ -17,7 +26,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trainer.config import Config, TrackingConfig
 from trainer.errors import UserError
@@ -25,6 +36,10 @@ from trainer.errors import UserError
 DEFAULT_DIR = Path("mlruns")
 RUN_KEY_TAG = "linrep.run_key"
 JOB_ID_TAG = "linrep.ray_job_id"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+PARAM_MAX_CHARS = 6000   # MLflow's limit on a param value
+PARAM_BATCH = 100        # MLflow's limit on params per log_batch
 SECRET_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "KEY", "CREDENTIAL")
 
 
@@ -133,34 +148,131 @@ def ray_job_id() -> str | None:
 def open_run(cfg: Config, uri: str, run_key: str, *, parent_run_id: str | None = None,
              extra_tags: dict[str, str] | None = None) -> str:
     """Find the MLflow run of `run_key` (resume) or create it; log params, tags and the config."""
-    client = _client(uri)
     exp_id = ensure_experiment(uri, cfg.experiment_name)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                               max_results=1) if cfg.run.resume else []
+    found = find_runs(uri, exp_id, {RUN_KEY_TAG: run_key}, max_results=1) if cfg.run.resume else []
     if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
+        run_id = found[0].run_id
+        set_status(uri, run_id, "RUNNING")
     else:
-        tags = {RUN_KEY_TAG: run_key, "linrep.preset": cfg.preset or "", "mlflow.runName": run_key}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, run_name=run_key, tags=tags)
-        run_id = run.info.run_id
-        from mlflow.entities import Param
-
-        params = [Param(k, str(v)[:6000]) for k, v in cfg.flatten().items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i:i + 100])
-        client.log_text(run_id, cfg.to_yaml(), "config.yaml")
-    tags = {JOB_ID_TAG: ray_job_id(), "linrep.git_commit": git_commit(), **(extra_tags or {})}
-    for k, v in tags.items():
-        if v:
-            client.set_tag(run_id, k, v)
+        run_id = create_run(uri, exp_id, run_key, tags={RUN_KEY_TAG: run_key, "linrep.preset": cfg.preset or ""},
+                            parent_run_id=parent_run_id)
+        log_params(uri, run_id, cfg.flatten())
+        log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+    set_tags(uri, run_id, {JOB_ID_TAG: ray_job_id(), "linrep.git_commit": git_commit(), **(extra_tags or {})})
     return run_id
 
 
+@dataclass
+class RunRecord:
+    """What linrep reads back of one MLflow run (times in unix seconds)."""
+
+    run_id: str
+    name: str
+    status: str
+    start_time: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The trainer's run key (a sweep trial's key), else the run's name."""
+        return self.tags.get(RUN_KEY_TAG, self.name)
+
+
+def _record(run) -> RunRecord:
+    return RunRecord(run.info.run_id, run.info.run_name or "", run.info.status, (run.info.start_time or 0) / 1000.0,
+                     dict(run.data.metrics), dict(run.data.params), dict(run.data.tags))
+
+
+def create_run(uri: str, experiment_id: str, name: str, *, tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None) -> str:
+    """A new run named `name` (RUNNING), optionally the child of `parent_run_id`; returns its id."""
+    all_tags = {RUN_NAME_TAG: name, **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    return _client(uri).create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+
+
+def find_runs(uri: str, experiment_id: str, tags: dict[str, str], *, max_results: int = 1000) -> list[RunRecord]:
+    """Runs of an experiment whose tags equal `tags`, oldest first (every page, up to max_results)."""
+    # tag values are linrep's own names (run keys, sweep names: letters, digits, - _ . = only)
+    filter_string = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    client, out, token = _client(uri), [], None
+    while len(out) < max_results:
+        page = client.search_runs([experiment_id], filter_string=filter_string,
+                                  order_by=["attributes.start_time ASC"],
+                                  max_results=min(1000, max_results - len(out)), page_token=token)
+        out.extend(_record(r) for r in page)
+        token = page.token
+        if not token:
+            break
+    return out
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[RunRecord]:
+    """Every child run of `parent_run_id` (a sweep's trials), oldest first."""
+    return find_runs(uri, experiment_id, {PARENT_TAG: parent_run_id}, max_results=1_000_000)
+
+
+def get_run(uri: str, run_id: str) -> RunRecord:
+    """One run's record; UserError when the store has no such run."""
+    try:
+        return _record(_client(uri).get_run(run_id))
+    except Exception:
+        raise UserError(f"MLflow run {run_id} not found in {redact(uri)}") from None
+
+
+def run_exists(uri: str, run_id: str) -> bool:
+    try:
+        _client(uri).get_run(run_id)
+        return True
+    except Exception:
+        return False
+
+
+def set_status(uri: str, run_id: str, status: str) -> None:
+    """RUNNING reopens a run (a resume); FINISHED / FAILED / KILLED end it."""
+    if status == "RUNNING":
+        _client(uri).update_run(run_id, status="RUNNING")
+    else:
+        _client(uri).set_terminated(run_id, status=status)
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status=status)
+    set_status(uri, run_id, status)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    """Set tags (values as strings; None or empty values are skipped)."""
+    client = _client(uri)
+    for key, value in tags.items():
+        if value is not None and value != "":
+            client.set_tag(run_id, key, str(value))
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log params not yet on the run, in batches (MLflow refuses to change a logged param)."""
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    have = client.get_run(run_id).data.params
+    new = [Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in params.items() if k not in have]
+    for i in range(0, len(new), PARAM_BATCH):
+        client.log_batch(run_id, params=new[i:i + PARAM_BATCH])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log finite metric values at one step (NaN/inf are skipped: MLflow's UI cannot plot them)."""
+    import math
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    values = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+              if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    for i in range(0, len(values), 1000):
+        _client(uri).log_batch(run_id, metrics=values[i:i + 1000])
 
 
 def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
@@ -171,9 +283,25 @@ def log_text(uri: str, run_id: str, text: str, name: str) -> None:
     _client(uri).log_text(run_id, text, name)
 
 
+def log_figure(uri: str, run_id: str, figure, name: str) -> None:
+    """A matplotlib figure as an image artifact `name` (e.g. "figures/probe.png")."""
+    _client(uri).log_figure(run_id, figure, name)
+
+
+def log_model(uri: str, run_id: str, checkpoint_dir: Path, artifact_path: str = "model") -> None:
+    """A checkpoint folder (weights, config.yaml, meta.json) as the run's model artifacts: the
+    folder alone rebuilds the classifier (trainer.checkpoint.load_classifier)."""
+    _client(uri).log_artifacts(run_id, str(checkpoint_dir), artifact_path)
+
+
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """[(step, value)] of one metric, by step."""
     return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+
+
+def metric_points(uri: str, run_id: str, key: str) -> list[tuple[int, float, float]]:
+    """[(step, value, unix seconds)] of one metric, by step (for throughput over time)."""
+    return sorted((m.step, m.value, m.timestamp / 1000.0) for m in _client(uri).get_metric_history(run_id, key))
 
 
 def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
