@@ -1,4 +1,4 @@
-"""The paper's headline figures (PAPER.md 4.1), reached by the real `linrep train` runs of the
+"""The paper's headline figures (docs/science.md, 4.1), reached by the real `linrep train` runs of the
 presets on this 2-core CPU: the proof that the science works. Slow: skipped by `make test-fast`."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_diet_recovers_latents_and_cluster_vectors_case_c1(tmp_path):
 
 @pytest.mark.slow
 def test_dsprites_mlp_classifier_features_decode_the_factors(tmp_path):
-    """PAPER.md 4.2 on the full 737,280-image dSprites (generated here, ~2.6 min on 2 cores), the
+    """docs/science.md 4.2 on the full 737,280-image dSprites (generated here, ~2.6 min on 2 cores), the
     paper's recipe (`dislib-dsprites-mlp`: Adam 1e-3, batch 4096) on 2 DeepSpeed workers, capped at
     2 epochs (300 steps) for CI; the preset's own stop (val/acc > 0.999) comes at ~600 steps."""
     from mlflow.tracking import MlflowClient
