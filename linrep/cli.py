@@ -120,17 +120,17 @@ def cmd_presets(args) -> int:
 # ---- data ----------------------------------------------------------------------------------
 def cmd_data(args) -> int:
     if args.kind == "dsprites":
-        from trainer.data.dsprites import generate_dsprites
+        from trainer.data.convert.dsprites import generate_dsprites
 
         generate_dsprites(Path(args.out), seed=args.seed, samples_per_shard=args.samples_per_shard,
                           processes=args.processes, limit=args.limit)
     elif args.kind == "convert":
-        from trainer.data.dislib import convert
+        from trainer.data.convert.dislib import convert
 
         convert(args.dataset, Path(args.src), Path(args.out), seed=args.seed,
                 samples_per_shard=args.samples_per_shard, processes=args.processes)
     elif args.kind == "imagenet":
-        from trainer.data.imagenet import convert_imagenet
+        from trainer.data.convert.imagenet import convert_imagenet
 
         convert_imagenet(Path(args.src), Path(args.out), samples_per_shard=args.samples_per_shard,
                          processes=args.processes, classes_from=args.classes_from, seed=args.seed)

@@ -119,7 +119,7 @@ def manifest_case(kind: str):
 
 
 def manifest_missing_shard(tmp: Path):
-    from trainer.data.dsprites import generate_dsprites
+    from trainer.data.convert.dsprites import generate_dsprites
 
     root = tmp / "ds"
     generate_dsprites(root, limit=60, samples_per_shard=20, processes=1, progress=False)
@@ -133,7 +133,7 @@ def manifest_empty_dir(tmp: Path):
 
 
 def manifest_continuous_factor(tmp: Path):
-    from trainer.data.dsprites import generate_dsprites
+    from trainer.data.convert.dsprites import generate_dsprites
 
     root = tmp / "ds"
     generate_dsprites(root, limit=60, samples_per_shard=30, processes=1, progress=False)
@@ -141,7 +141,7 @@ def manifest_continuous_factor(tmp: Path):
 
 
 def manifest_unknown_factor(tmp: Path):
-    from trainer.data.dsprites import generate_dsprites
+    from trainer.data.convert.dsprites import generate_dsprites
 
     root = tmp / "ds"
     generate_dsprites(root, limit=60, samples_per_shard=30, processes=1, progress=False)

@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from trainer.data import dislib
+from trainer.data.convert import dislib
 from trainer.data.shards import load_manifest, verify_shards
 from trainer.errors import UserError
 

@@ -14,7 +14,7 @@ from trainer.checkpoint import list_checkpoints, read_meta
 
 @pytest.fixture(scope="module")
 def dsprites_small(tmp_path_factory) -> Path:
-    from trainer.data.dsprites import generate_dsprites
+    from trainer.data.convert.dsprites import generate_dsprites
 
     out = tmp_path_factory.mktemp("dsprites_small")
     generate_dsprites(out, seed=0, samples_per_shard=500, processes=2, limit=4000, progress=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from trainer.data import dsprites as ds
+from trainer.data.convert import dsprites as ds
 from trainer.data.shards import load_manifest, verify_shards
 
 # shared/ lies beside the checkout (CI lays a copy there too)

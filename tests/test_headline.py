@@ -49,7 +49,7 @@ def test_dsprites_mlp_classifier_features_decode_the_factors(tmp_path):
     2 epochs (300 steps) for CI; the preset's own stop (val/acc > 0.999) comes at ~600 steps."""
     from mlflow.tracking import MlflowClient
 
-    from trainer.data.dsprites import generate_dsprites
+    from trainer.data.convert.dsprites import generate_dsprites
     from trainer.data.shards import load_manifest
 
     root = tmp_path / "dsprites"

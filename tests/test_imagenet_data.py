@@ -14,16 +14,13 @@ import webdataset as wds
 
 from fabricate_imagenet import devkit_order, fabricate_imagenet, jpeg_bytes, write_devkit
 from trainer.config import DataConfig
+from trainer.data.convert.imagenet import convert_imagenet, detect_layout, read_devkit_val_labels, verify_image
 from trainer.data.imagenet import (
     GRANULARITIES,
-    convert_imagenet,
-    detect_layout,
     imagenet_label_map,
     imagenet_num_classes,
     imagenetx_annotation_dir,
-    read_devkit_val_labels,
     standard_classes,
-    verify_image,
 )
 from trainer.data.shards import load_manifest, verify_shards
 from trainer.errors import UserError

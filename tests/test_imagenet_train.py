@@ -28,7 +28,8 @@ def coloured_jpeg(rng: np.random.Generator, colour) -> bytes:
 @pytest.fixture(scope="module")
 def imagenet_shards(tmp_path_factory) -> Path:
     from tests.fabricate_imagenet import real_val_names
-    from trainer.data.imagenet import convert_imagenet, standard_classes
+    from trainer.data.convert.imagenet import convert_imagenet
+    from trainer.data.imagenet import standard_classes
 
     rng = np.random.default_rng(0)
     src = tmp_path_factory.mktemp("imagenet_src")

@@ -297,7 +297,7 @@ def converted(tmp_path_factory):
     one corrupt) converted to shards once for the tests below."""
     from fabricate_imagenet import fabricate_imagenet
 
-    from trainer.data.imagenet import convert_imagenet
+    from trainer.data.convert.imagenet import convert_imagenet
 
     root = tmp_path_factory.mktemp("imagenet")
     fab = fabricate_imagenet(root / "src", num_classes=6, train_per_class=1, val_per_class=16)

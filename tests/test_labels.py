@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trainer.config import DataConfig
-from trainer.data import dsprites as ds
+from trainer.data.convert import dsprites as ds
 from trainer.data.labels import (LABEL_SCHEMES, FactorLabels, LabelScheme, PartitionLabels, create_label_scheme,
                                  register_label_scheme)
 from trainer.data.shards import Manifest, load_manifest

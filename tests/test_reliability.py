@@ -97,7 +97,7 @@ def test_worker_sigkill_restarts_from_last_checkpoint_exactly_once(tmp_path):
 
 @pytest.fixture(scope="module")
 def dsprites_tiny(tmp_path_factory) -> Path:
-    from trainer.data.dsprites import generate_dsprites
+    from trainer.data.convert.dsprites import generate_dsprites
 
     out = tmp_path_factory.mktemp("dsprites_tiny")
     generate_dsprites(out, seed=0, samples_per_shard=400, processes=2, limit=3000, progress=False)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from trainer.data.shards import (STATE_NAME, Manifest, ShardInfo, build_shards, file_sha256, load_manifest,
-                                 make_factor, shard_urls, split_indices, verify_shards, write_manifest, write_shard)
+from trainer.data.convert.shards import STATE_NAME, build_shards, split_indices, write_manifest, write_shard
+from trainer.data.shards import (Manifest, ShardInfo, file_sha256, load_manifest, make_factor, shard_urls,
+                                 verify_shards)
 from trainer.errors import UserError
 
 try:

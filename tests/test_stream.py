@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from trainer.config import DataConfig
-from trainer.data import dsprites as ds
-from trainer.data.shards import Manifest, load_manifest, make_factor, write_manifest, write_shard
+from trainer.data.convert import dsprites as ds
+from trainer.data.convert.shards import write_manifest, write_shard
+from trainer.data.shards import Manifest, load_manifest, make_factor
 from trainer.data.stream import (ShardSlice, epoch_batches, make_eval_loader, make_train_loader, split_slices,
                                  training_slices)
 from trainer.errors import RuntimeFault

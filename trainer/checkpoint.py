@@ -11,7 +11,6 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,11 @@ import yaml
 from trainer.config import Config, ConfigError, from_dict
 from trainer.engine import MODEL_FILE, world_rank
 from trainer.errors import UserError
+from trainer.files import write_json_atomic
 from trainer.models import Classifier, InputSpec, build_classifier
 
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def write_checkpoint(engine, cfg: Config, meta: dict[str, Any], directory: Path) -> None:

@@ -46,8 +46,9 @@ def autocast_dtype(optim: OptimConfig, device: torch.device) -> torch.dtype | No
     """bf16 autocast for optim.precision=bf16 (fp32 master weights and optimiser state).
 
     "auto" stays fp32 in this engine: the synthetic MLPs it serves are launch-bound on GPUs, where
-    autocast only adds cast kernels. On CPUs with AMX (Sapphire Rapids and later) bf16 halves the
-    synthetic encoder's step (profiled: 13.6 -> 6.9 ms at batch 1024, one thread).
+    autocast only adds cast kernels. The engine would autocast on any device, but bf16 is a GPU
+    setting: trainer/config.py refuses optim.precision=bf16 without run.use_gpu (CPU training
+    runs fp32).
     """
     return torch.bfloat16 if optim.precision == "bf16" else None
 
@@ -229,7 +230,3 @@ def setup_engine(model: nn.Module, optim: OptimConfig, run: RunConfig, device: t
         micro = optim.batch_size // world_size // optim.grad_accum
         return DeepSpeedEngine(model, optim, device, micro_batch=max(1, micro), bf16=bf16, channels_last=channels_last)
     return TorchEngine(model, optim, device, channels_last=channels_last)
-
-
-def is_deepspeed_checkpoint(directory: Path) -> bool:
-    return (Path(directory) / DS_TAG).is_dir()

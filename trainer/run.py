@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ class RunHandle:
     run_dir: Path
     tracking_uri: str | None
     run_id: str | None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -86,7 +85,7 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
     return RunHandle(cfg, run_key, storage_path / run_key, uri, run_id)
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None) -> None:
     """Join the cluster at `address` / $RAY_ADDRESS, or start a local Ray with this machine's CPUs."""
     import ray
 
@@ -98,7 +97,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            ray.init(address="local", include_dashboard=False, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else err.__class__.__name__
         raise UserError(f"cannot reach Ray at {address or 'local'}: {first}") from None
@@ -152,10 +151,3 @@ def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = 
     err = getattr(result, "error", None)
     ckpt = result.checkpoint.path if result.checkpoint else None
     return RunResult(handle, dict(result.metrics or {}), ckpt, error=str(err) if err else None)
-
-
-def run_training(cfg: Config, *, address: str | None = None) -> RunResult:
-    """Train without probes (probes.pipeline.train_and_probe adds the probe actor)."""
-    handle = prepare_run(cfg)
-    init_ray(address)
-    return fit(handle)

@@ -5,13 +5,13 @@ are fragile in bash: starting a process in its own session (so its whole process
 stopped by one id), waiting for an HTTP endpoint while watching the process, stopping a process
 tree, and reading the socket table. Tests and scripts use `LocalCluster` to drive cluster.sh.
 
-Only the standard library and psutil (a project dependency) are used.
+Only the standard library, psutil (a project dependency) and trainer/files.py (the project's one
+atomic-write helper, for `write-json`) are used.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -277,11 +277,13 @@ def _main(argv: list[str]) -> int:
         for pair in a.pairs:
             k, _, v = pair.partition("=")
             data[k] = int(v) if v.isdigit() else v
-        tmp = a.path.with_suffix(a.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, a.path)
+        from trainer.files import write_json_atomic
+
+        write_json_atomic(a.path, data, sort_keys=False)
     return 0
 
 
 if __name__ == "__main__":
+    # cluster.sh runs this file as a script: put the repository root on the path for trainer.files
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.exit(_main(sys.argv[1:]))

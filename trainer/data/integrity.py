@@ -9,13 +9,13 @@ workers after the driver's preflight) pays for hashing once.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from trainer.data.shards import Manifest, file_sha256
 from trainer.errors import RuntimeFault
+from trainer.files import write_text_atomic
 
 CACHE_NAME = ".verified.json"
 
@@ -34,12 +34,10 @@ def _load_cache(root: Path) -> dict[str, str]:
 
 
 def _save_cache(root: Path, cache: dict[str, str]) -> None:
-    tmp = root / f"{CACHE_NAME}.{os.getpid()}.tmp"
     try:
-        tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
-        os.replace(tmp, root / CACHE_NAME)
+        write_text_atomic(root / CACHE_NAME, json.dumps(cache, indent=0, sort_keys=True))
     except OSError:  # a read-only dataset folder: verify again next time
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def verified(manifest: Manifest, split: str, on_error: str = "raise") -> tuple[Manifest, int]:

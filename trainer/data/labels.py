@@ -10,8 +10,9 @@ A scheme is built from the data config and the manifest and maps a batch (see
 * ``instance`` (DIET): one class per sample, the numeric ``__key__``.
 
 Register more with ``@register_label_scheme(name)``. Schemes that live elsewhere are imported on
-first use from ``LAZY_SCHEMES`` (the ImageNet scheme will register itself from
-``trainer/data/imagenet.py``).
+first use from ``LAZY_SCHEMES``: ``imagenet`` is ``ImagenetLabels`` in ``trainer/data/imagenet.py``,
+which registers itself when ``create_label_scheme`` first imports that module (it needs torch
+and the imagenet-x class files, which the other schemes do not).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ memory-mapped, never loaded whole), the factor values and default classes (small
 Images already stored raw in the source (an uncompressed npz member, a contiguous HDF5
 dataset, the smallNORB .mat binaries) are mapped in place; compressed ones are first streamed,
 block by block, into ``<out>/.cache/`` (deleted once the manifest is written). Every malformed
-input is a ``UserError`` "<file>: <problem>". File formats: /work/shared/DISLIB_FORMATS.md.
+input is a ``UserError`` "<file>: <problem>". The files each converter accepts and what it
+writes: docs/data-formats.md. Reading arrays inside those files: ``trainer.data.convert.arrays``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from __future__ import annotations
 import functools
 import io
 import os
-import pickle
 import shutil
 import struct
 import sys
-import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,224 +29,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from trainer.data.dsprites import SHAPE_NAMES, encode_binary_png
-from trainer.data.shards import (Factor, Manifest, build_shards, make_factor, split_indices, write_manifest)
+from trainer.data.convert.arrays import (BLOCK_BYTES, ArraySpec, as_text, check_length, close_memmaps, npy_spec,
+                                         npz_array, npz_small_array, safe_load_metadata, save_npy)
+from trainer.data.convert.dsprites import SHAPE_NAMES, encode_binary_png
+from trainer.data.convert.shards import build_shards, split_indices, write_manifest
+from trainer.data.shards import Factor, Manifest, make_factor
 from trainer.errors import UserError
+from trainer.files import write_with_atomic
 
 IMAGE_SIZE = 64
 CACHE_DIR = ".cache"
-_BLOCK_BYTES = 64 << 20  # streaming copy block: bounded memory whatever the dataset size
-
-
-# ---- raw arrays on disk -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ArraySpec:
-    """A raw array inside a file, opened as a read-only memmap (picklable: no data inside)."""
-
-    path: str
-    offset: int
-    dtype: str
-    shape: tuple[int, ...]
-    order: str = "C"
-
-    def open(self) -> np.ndarray:
-        return _open_memmap(self)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-@functools.lru_cache(maxsize=64)
-def _open_memmap(spec: ArraySpec) -> np.ndarray:
-    """One memmap per spec per process (workers reopen lazily instead of receiving data)."""
-    return np.memmap(spec.path, dtype=np.dtype(spec.dtype), mode="r", offset=spec.offset, shape=spec.shape,
-                     order=spec.order)
-
-
-def _check_length(spec: ArraySpec, label: str) -> None:
-    size = os.path.getsize(spec.path)
-    if size < spec.offset + spec.nbytes:
-        raise UserError(f"{label}: truncated ({size} bytes, need {spec.offset + spec.nbytes} for "
-                        f"{spec.dtype} {spec.shape})")
-
-
-def _atomic_npy(path: Path, array: np.ndarray) -> ArraySpec:
-    """Save a small array (factors, classes) as .npy atomically and describe it."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.lib.format.write_array(fh, np.ascontiguousarray(array))
-    os.replace(tmp, path)
-    return npy_spec(path)
-
-
-def npy_spec(path: Path) -> ArraySpec:
-    """Describe the array of a plain .npy file (header only, no data read)."""
-    with open(path, "rb") as fh:
-        shape, fortran, dtype, _ = _read_npy_header(fh, str(path))
-        offset = fh.tell()
-    return ArraySpec(str(path), offset, dtype.str, shape, "F" if fortran else "C")
-
-
-def _read_npy_header(fh, label: str) -> tuple[tuple[int, ...], bool, np.dtype, tuple[int, int]]:
-    try:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
-            shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # 3.0: utf-8 header
-    except (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
-        raise UserError(f"{label}: not a valid .npy array ({err})") from None
-    return tuple(int(s) for s in shape), bool(fortran), dtype, version
-
-
-# ---- npz members ----------------------------------------------------------------------------------
-def _open_npz(path: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except (zipfile.BadZipFile, OSError) as err:
-        raise UserError(f"{path}: not a readable .npz archive ({err})") from None
-
-
-def _member(zf: zipfile.ZipFile, path: Path, key: str) -> zipfile.ZipInfo:
-    try:
-        return zf.getinfo(f"{key}.npy")
-    except KeyError:
-        keys = ", ".join(n.removesuffix(".npy") for n in zf.namelist())
-        raise UserError(f"{path}: missing key '{key}' (has: {keys})") from None
-
-
-def npz_array(path: Path, key: str, cache: Path) -> ArraySpec:
-    """Map an npz member without loading it: in place when stored, else via a cached raw copy."""
-    label = f"{path}[{key}]"
-    with _open_npz(path) as zf:
-        info = _member(zf, path, key)
-        with zf.open(info) as fh:
-            shape, fortran, dtype, _ = _read_npy_header(fh, label)
-            header_len = fh.tell()
-        if dtype.hasobject:
-            raise UserError(f"{label}: holds pickled Python objects, expected a numeric array")
-        order = "F" if fortran else "C"
-        if info.compress_type == zipfile.ZIP_STORED:
-            spec = ArraySpec(str(path), _stored_data_offset(path, info) + header_len, dtype.str, shape, order)
-            if info.file_size < header_len + spec.nbytes:
-                raise UserError(f"{label}: truncated member ({info.file_size} bytes for {dtype} {shape})")
-            _check_length(spec, label)
-            return spec
-        return _inflate_member(zf, info, path, key, cache, ArraySpec("", header_len, dtype.str, shape, order))
-
-
-def _stored_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
-    """Byte offset of a stored member's data: after its local header, name and extra field."""
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset)
-        local = fh.read(30)
-    if len(local) < 30 or local[:4] != b"PK\x03\x04":
-        raise UserError(f"{path}: corrupt zip local header for {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + name_len + extra_len
-
-
-def _inflate_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, key: str, cache: Path,
-                    layout: ArraySpec) -> ArraySpec:
-    """Stream a compressed member into cache/<key>.npy block by block; reuse a finished copy."""
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / f"{Path(path).stem}-{key}.npy"
-    want = layout.offset + layout.nbytes
-    if target.is_file() and target.stat().st_size == want:
-        return ArraySpec(str(target), layout.offset, layout.dtype, layout.shape, layout.order)
-    tmp = target.with_name(target.name + ".tmp")
-    written = 0
-    try:
-        with zf.open(info) as src, open(tmp, "wb") as dst:
-            while block := src.read(_BLOCK_BYTES):
-                dst.write(block)
-                written += len(block)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}[{key}]: corrupt or truncated ({err.__class__.__name__}: {err})") from None
-    if written < want:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}[{key}]: truncated ({written} bytes, need {want})")
-    os.replace(tmp, target)
-    return ArraySpec(str(target), layout.offset, layout.dtype, layout.shape, layout.order)
-
-
-def npz_small_array(path: Path, key: str) -> np.ndarray:
-    """Load a small numeric member fully (factor tables); never unpickles."""
-    with _open_npz(path) as zf:
-        _member(zf, path, key)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return npz[key]
-    except ValueError as err:
-        raise UserError(f"{path}[{key}]: not a plain numeric array ({err})") from None
-    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as err:
-        raise UserError(f"{path}[{key}]: corrupt or truncated ({err.__class__.__name__})") from None
-
-
-# ---- the one pickle we accept: dSprites' metadata dict ----------------------------------------------
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Builds only numpy arrays/dtypes/scalars; plain containers need no globals at all."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _plain(value: Any) -> bool:
-    """True for dicts/lists/tuples of str/bytes/numbers and numeric numpy arrays only."""
-    if value is None or isinstance(value, (str, bytes, bool, int, float, np.number, np.bool_)):
-        return True
-    if isinstance(value, np.ndarray):
-        return value.dtype.kind in "biuf"
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, (str, bytes)) and _plain(v) for k, v in value.items())
-    return False
-
-
-def safe_load_metadata(path: Path, key: str = "metadata") -> dict:
-    """Unpickle the 0-d object array ``key`` of an npz with a restricted unpickler -> dict."""
-    label = f"{path}[{key}]"
-    with _open_npz(path) as zf:
-        info = _member(zf, path, key)
-        try:
-            with zf.open(info) as fh:
-                shape, _, dtype, _ = _read_npy_header(fh, label)
-                if not dtype.hasobject:
-                    raise UserError(f"{label}: expected a pickled dict, got a {dtype} array")
-                payload = fh.read()
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
-            raise UserError(f"{label}: corrupt or truncated ({err.__class__.__name__})") from None
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(payload), encoding="latin1").load()
-    except pickle.UnpicklingError as err:
-        raise UserError(f"{label}: unexpected pickled content ({err})") from None
-    except Exception as err:  # malformed pickle streams raise many types
-        raise UserError(f"{label}: unreadable pickle ({err.__class__.__name__})") from None
-    if isinstance(obj, np.ndarray) and obj.dtype.hasobject and obj.shape == ():
-        obj = obj[()]
-    if not isinstance(obj, dict) or not _plain(obj):
-        raise UserError(f"{label}: expected a dict of plain values, got {type(obj).__name__}")
-    return {_text(k): v for k, v in obj.items()}
-
-
-def _text(value: Any) -> str:
-    return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
 # ---- what a converter hands to the shard writer ----------------------------------------------------
@@ -347,12 +138,12 @@ def convert(dataset: str, src: Path, out_dir: Path, *, seed: int = 0, samples_pe
         raise UserError(f"{src}: not found (the official {dataset} file or folder)")
     cache = out_dir / CACHE_DIR
     cache.mkdir(parents=True, exist_ok=True)
-    _open_memmap.cache_clear()
+    close_memmaps()
     options = {"mpi3d_sizes": mpi3d_sizes} if dataset == "mpi3d" else {}
     prepared = converter(src, cache, **options)
     _check_prepared(prepared, dataset)
-    source = _SampleSource(tuple(prepared.images), _atomic_npy(cache / "factors.npy", prepared.factors.astype(np.float32)),
-                           _atomic_npy(cache / "cls.npy", prepared.cls.astype(np.int64)), prepared.to_png)
+    source = _SampleSource(tuple(prepared.images), save_npy(cache / "factors.npy", prepared.factors.astype(np.float32)),
+                           save_npy(cache / "cls.npy", prepared.cls.astype(np.int64)), prepared.to_png)
     splits = split_indices(prepared.num_samples, seed)
     shards = build_shards(out_dir, splits, functools.partial(_dislib_sample, source),
                           samples_per_shard=samples_per_shard, processes=processes, progress=progress)
@@ -362,7 +153,7 @@ def convert(dataset: str, src: Path, out_dir: Path, *, seed: int = 0, samples_pe
                         splits=Manifest.splits_from(shards), skipped=list(shards.skipped),
                         extra={"source": str(src), **prepared.extra})
     write_manifest(out_dir, manifest)
-    _open_memmap.cache_clear()  # the cache files go away now; a later run may reuse their names
+    close_memmaps()  # the cache files go away now; a later run may reuse their names
     shutil.rmtree(cache, ignore_errors=True)  # raw copies can be gigabytes
     return manifest
 
@@ -401,9 +192,9 @@ def prepare_dsprites(src: Path, cache: Path) -> Prepared:
     for key in ("latents_sizes", "latents_names", "latents_possible_values"):
         if key not in meta:
             raise UserError(f"{path}[metadata]: missing '{key}'")
-    names = [_text(n) for n in meta["latents_names"]]
+    names = [as_text(n) for n in meta["latents_names"]]
     sizes = [int(s) for s in np.asarray(meta["latents_sizes"]).ravel()]
-    possible = {_text(k): np.asarray(v, dtype=np.float64).ravel() for k, v in meta["latents_possible_values"].items()}
+    possible = {as_text(k): np.asarray(v, dtype=np.float64).ravel() for k, v in meta["latents_possible_values"].items()}
     images = npz_array(path, "imgs", cache)
     values = npz_small_array(path, "latents_values")
     classes = npz_small_array(path, "latents_classes")
@@ -468,24 +259,26 @@ def _h5_images(dataset, path: Path, cache: Path) -> ArraySpec:
     offset = dataset.id.get_offset()
     spec = ArraySpec(str(path), int(offset or 0), dataset.dtype.str, tuple(dataset.shape))
     if offset is not None and dataset.chunks is None and not dataset.compression:
-        _check_length(spec, f"{path}[images]")
+        check_length(spec, f"{path}[images]")
         return spec
     cache.mkdir(parents=True, exist_ok=True)
     target = cache / f"{path.stem}-images.npy"
-    tmp = target.with_name(target.name + ".tmp")
+    write_with_atomic(target, functools.partial(_copy_h5, dataset, path))
+    return npy_spec(target)
+
+
+def _copy_h5(dataset, path: Path, tmp: Path) -> None:
+    """Copy an HDF5 dataset into a new .npy at tmp, a block of rows at a time."""
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dataset.dtype, shape=tuple(dataset.shape))
-    rows = max(1, _BLOCK_BYTES // max(1, int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize))
+    rows = max(1, BLOCK_BYTES // max(1, int(np.prod(dataset.shape[1:])) * dataset.dtype.itemsize))
     try:
         for start in range(0, dataset.shape[0], rows):
             out[start:start + rows] = dataset[start:start + rows]
     except (OSError, ValueError) as err:
-        del out
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{path}[images]: unreadable ({err})") from None
-    out.flush()
-    del out
-    os.replace(tmp, target)
-    return npy_spec(target)
+    finally:
+        out.flush()
+        del out
 
 
 # ---- MPI3D ------------------------------------------------------------------------------------------
@@ -556,28 +349,38 @@ def _cars3d_files(folder: Path) -> list[Path]:
 
 def _materialise_cars(files: list[Path], target: Path, n: int) -> None:
     """Resize every view of every car once into a raw cache (index: elevation, azimuth, car)."""
+    write_with_atomic(target, functools.partial(_resize_cars, files, n))
+
+
+def _resize_cars(files: list[Path], n: int, tmp: Path) -> None:
+    n_cars, n_az, n_el = len(files), CARS3D_VIEW_SHAPE[3], CARS3D_VIEW_SHAPE[4]
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, IMAGE_SIZE, IMAGE_SIZE, 3))
+    try:
+        for c, path in enumerate(files):
+            im = _read_car(path)
+            for e in range(n_el):
+                for a in range(n_az):
+                    out[(e * n_az + a) * n_cars + c] = resize_antialiased(np.ascontiguousarray(im[:, :, :, a, e]))
+            if (c + 1) % 20 == 0:
+                print(f"[cars3d] resized {c + 1}/{n_cars} cars", file=sys.stderr)
+    finally:
+        out.flush()
+        del out
+
+
+def _read_car(path: Path) -> np.ndarray:
+    """One car's 'im' array (128, 128, 3, 24, 4) uint8 from its MATLAB file."""
     import scipy.io
 
-    n_cars, n_az, n_el = len(files), CARS3D_VIEW_SHAPE[3], CARS3D_VIEW_SHAPE[4]
-    tmp = target.with_name(target.name + ".tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, IMAGE_SIZE, IMAGE_SIZE, 3))
-    for c, path in enumerate(files):
-        try:
-            im = scipy.io.loadmat(path, variable_names=["im"]).get("im")
-        except (ValueError, TypeError, OSError, NotImplementedError, zlib.error) as err:
-            raise UserError(f"{path}: not a readable MATLAB v5 file ({err.__class__.__name__}: {err})") from None
-        if im is None:
-            raise UserError(f"{path}: missing variable 'im'")
-        if im.shape != CARS3D_VIEW_SHAPE or im.dtype != np.uint8:
-            raise UserError(f"{path}: 'im' is {im.dtype} {im.shape}, expected uint8 {CARS3D_VIEW_SHAPE}")
-        for e in range(n_el):
-            for a in range(n_az):
-                out[(e * n_az + a) * n_cars + c] = resize_antialiased(np.ascontiguousarray(im[:, :, :, a, e]))
-        if (c + 1) % 20 == 0:
-            print(f"[cars3d] resized {c + 1}/{n_cars} cars", file=sys.stderr)
-    out.flush()
-    del out
-    os.replace(tmp, target)
+    try:
+        im = scipy.io.loadmat(path, variable_names=["im"]).get("im")
+    except (ValueError, TypeError, OSError, NotImplementedError, zlib.error) as err:
+        raise UserError(f"{path}: not a readable MATLAB v5 file ({err.__class__.__name__}: {err})") from None
+    if im is None:
+        raise UserError(f"{path}: missing variable 'im'")
+    if im.shape != CARS3D_VIEW_SHAPE or im.dtype != np.uint8:
+        raise UserError(f"{path}: 'im' is {im.dtype} {im.shape}, expected uint8 {CARS3D_VIEW_SHAPE}")
+    return im
 
 
 # ---- smallNORB ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Procedural dSprites: render the official 737,280-image grid straight into shards.
 
 The official npz cannot be downloaded here, so this module draws the same images from the
-recipe in DISLIB_FORMATS.md: binary 64x64, a pixel is on when its centre lies inside the shape,
+recipe in docs/data-formats.md: binary 64x64, a pixel is on when its centre lies inside the shape,
 sprite centre at 16 + 32·pos px (x from the left, y from the top), rotation about the centre,
 counter-clockwise as displayed. ``compare_to_official_frames`` measures the renderer against
 the frames of the official animation (tests/test_dsprites.py keeps it honest).
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainer.data.shards import Manifest, build_shards, make_factor, split_indices, write_manifest
+from trainer.data.convert.shards import build_shards, split_indices, write_manifest
+from trainer.data.shards import Manifest, make_factor
 
 IMAGE_SIZE = 64
 FACTOR_NAMES = ("color", "shape", "scale", "orientation", "posX", "posY")
