@@ -40,7 +40,7 @@ def sizes(quick: bool) -> dict[str, Any]:
 
 def ensure_shards(ctx: BenchContext, quick: bool) -> Path:
     """The dSprites shards: the full set under data/dsprites-full (generated once), or a small subset."""
-    from trainer.data.dsprites import generate_dsprites
+    from trainer.data.convert.dsprites import generate_dsprites
 
     limit = sizes(quick)["limit"]
     root = ctx.cache / f"dsprites-{limit}" if quick else FULL_ROOT
