@@ -18,7 +18,8 @@ import yaml
 from tests.conftest import LINREP, run_linrep
 from trainer.errors import UserError
 from tune.spec import build_plan, load_spec, parse_spec
-from tune.sweep import STATE_FILE, TrialLedger, open_sweep, trial_concurrency
+from tune.folder import STATE_FILE, TrialLedger
+from tune.sweep import open_sweep, trial_concurrency
 
 SMALL = {"optim.steps": 200, "optim.warmup_steps": 10, "run.checkpoint_every": 100, "run.log_every": 50,
          "model.hidden": [32, 32], "data.generator_pool": 500, "probe.samples": 1024}

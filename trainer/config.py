@@ -1,33 +1,42 @@
-"""One typed config tree for every linrep run.
+"""One typed config tree for every linrep run, and the one place configs are resolved.
 
-A config is read from a YAML preset (``trainer/presets/<name>.yaml``) or a user file, then
-``key.sub=value`` overrides are applied, then the whole tree is validated: field ranges first
-(pydantic), cross-field checks second (``Config.check``). Every error is a ``ConfigError``
-whose message is one line naming the key and what is allowed, so the CLI can print it and
-exit 2 before Ray starts.
+`resolve(source, overrides)` is the entry point: a YAML preset (``trainer/presets/<name>.yaml``),
+a user file or a raw dict, then ``key.sub=value`` overrides, then the whole tree is validated:
+field ranges first (pydantic), cross-field checks second (``Config.check``). `config_field(key)`
+is the one lookup of a dotted key. Every error is a ``ConfigError`` whose message is one line
+naming the key and what is allowed, so the CLI can print it and exit 2 before Ray starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from trainer.errors import UserError
+from trainer.files import write_text_atomic
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 SYNTHETIC = "synthetic"
-DISLIB_DATASETS = ("dsprites", "shapes3d", "mpi3d", "cars3d", "smallnorb")
-IMAGE_DATASETS = DISLIB_DATASETS + ("imagenet",)
 
 
 class ConfigError(UserError):
-    """A config problem, phrased as one line that names the key and the fix."""
+    """A config problem, phrased as one line that names the key and the fix.
+
+    `problem` is the bare reason of a refused value (e.g. "input should be greater than 0"), for
+    callers that phrase the key themselves (a sweep spec names the axis that set the value).
+    """
+
+    def __init__(self, message: str, *, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 class _Section(BaseModel):
@@ -326,39 +335,67 @@ def _flatten(d: dict, prefix: str = ""):
             yield key, v
 
 
-def _pydantic_error_line(err: ValidationError) -> str:
+# ---- key lookup ------------------------------------------------------------------------------
+def config_field(key: str) -> FieldInfo:
+    """The pydantic field of a dotted config key ('data.kappa'); ConfigError naming what exists."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"'{key}' must name a section and a field, e.g. data.num_classes")
+    model: type[BaseModel] = Config
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(f"'{key}' is not a config key ({where} has: {', '.join(model.model_fields)})")
+        section = _section_model(field.annotation)
+        last = i == len(parts) - 1
+        if len(parts) < 2:  # a top-level name that exists: a section (or `preset`), not a key to set
+            raise ConfigError(f"'{key}' must name a section and a field, e.g. data.num_classes")
+        if last and section is not None:
+            raise ConfigError(f"'{key}' is a config section; name one of its fields "
+                              f"({', '.join(section.model_fields)})")
+        if not last:
+            if section is None:
+                raise ConfigError(f"'{key}': {'.'.join(parts[:i + 1])} is a value, not a section")
+            model = section
+    return field
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+# ---- validation ------------------------------------------------------------------------------
+def _pydantic_error(err: ValidationError) -> ConfigError:
+    """The first pydantic error as one line naming the key."""
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"])
-    got = e.get("input")
-    msg = e["msg"]
     if e["type"] == "extra_forbidden":
-        section = key.rsplit(".", 1)[0] if "." in key else ""
-        known = _known_keys(section)
-        return f"unknown config key '{key}' (known: {', '.join(known)})"
+        try:
+            config_field(key)
+        except ConfigError as unknown:
+            return unknown
+    got = e.get("input")
     if isinstance(got, (dict, list)):
         got = json.dumps(got)[:60]
-    return f"config key '{key}' = {got!r}: {msg.lower()}"
+    problem = str(e["msg"]).lower()
+    return ConfigError(f"config key '{key}' = {got!r}: {problem}", problem=problem)
 
 
-def _known_keys(section: str) -> list[str]:
-    model: type[BaseModel] = Config
-    for part in filter(None, section.split(".")):
-        field = model.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return sorted(Config.model_fields)
-        model = field.annotation
-    return [f"{section}.{k}" if section else k for k in model.model_fields]
+def from_dict(raw: dict[str, Any], *, cross_checks: bool = True) -> Config:
+    """Validate a raw dict into a Config (raises ConfigError).
 
-
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Validate a raw dict into a checked Config (raises ConfigError)."""
+    cross_checks=False checks each field alone: what a sweep needs to judge one value of an axis
+    before the rest of a trial exists.
+    """
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_pydantic_error_line(err)) from None
-    return cfg.check()
+        raise _pydantic_error(err) from None
+    return cfg.check() if cross_checks else cfg
 
 
+# ---- overrides -------------------------------------------------------------------------------
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'optim.lr=3e-3' -> (['optim', 'lr'], 0.003); values are parsed as YAML scalars/lists."""
     if "=" not in item:
@@ -380,11 +417,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set key.sub=value items on a raw (unvalidated) dict; unknown keys are caught later."""
+Overrides = Iterable[str] | Mapping[str, Any]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+    """A copy of `raw` with the overrides set: "key.sub=value" items, or a {key.sub: value} mapping
+    (values already parsed, e.g. a sweep's trial). Unknown keys are caught by validation."""
     raw = json.loads(json.dumps(raw))  # deep copy of plain data
-    for item in overrides:
-        path, value = parse_override(item)
+    if isinstance(overrides, Mapping):
+        items = [(key.split("."), value, key) for key, value in overrides.items()]
+    else:
+        items = [(*parse_override(item), item) for item in overrides]
+    for path, value, item in items:
         node = raw
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -395,6 +439,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# ---- sources ---------------------------------------------------------------------------------
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -417,8 +462,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load_raw(source: str) -> dict[str, Any]:
+def load_raw(source: str | Path) -> dict[str, Any]:
     """A preset name or a YAML file -> raw dict (presets may `base:` on another preset)."""
+    source = str(source)
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         raw = read_yaml(path)
@@ -441,15 +487,21 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def load_config(source: str, overrides: list[str] | None = None) -> Config:
-    """The one entry point: preset or file + overrides -> validated Config."""
-    raw = load_raw(source)
-    return from_dict(apply_overrides(raw, overrides or []))
+# ---- the entry point -------------------------------------------------------------------------
+def resolve(source: str | Path | Mapping[str, Any], overrides: Overrides | None = None, *,
+            cross_checks: bool = True) -> Config:
+    """The one entry point: a preset name, a YAML path or a raw dict, plus overrides -> a Config.
+
+    overrides: ["optim.lr=3e-3", ...] as typed on a command line, or {"optim.lr": 0.003, ...}.
+    Raises ConfigError (one line naming the key) for anything the config refuses.
+    """
+    raw = dict(source) if isinstance(source, Mapping) else load_raw(source)
+    return from_dict(apply_overrides(raw, overrides or []), cross_checks=cross_checks)
+
+
+load_config = resolve  # the name most callers (CLI, benchmarks, tests) use
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    """Write the resolved config atomically (temp name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(cfg.to_yaml())
-    tmp.replace(path)
+    """Write the resolved config as YAML, atomically (a reader never sees half of it)."""
+    write_text_atomic(path, cfg.to_yaml())

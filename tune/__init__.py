@@ -10,7 +10,8 @@ Modules:
   sweep       the Tune driver: parent/child MLflow runs, trials = Ray Train runs + probe actors,
               concurrency from the cluster, resume by rerunning the same command
   summary     mean ± std over seeds per configuration: CSV, markdown, PNG plots on the parent run
-  reproduce   the paper's synthetic ablations (section 4.1) and its table
-  mlflow_utils  parent/child-run helpers (mlflow imported lazily, via trainer.tracking)
+  folder      the sweep folder: state and plan files, trial ledgers (atomic writes, trainer.files)
+  reproduce   the paper's synthetic ablations (docs/science.md, synthetic experiments) and its table
+MLflow is reached through trainer.tracking only.
 Documented example specs live in tune/specs/ (ci-grid.yaml, classes-temperature.yaml).
 """

@@ -1,4 +1,6 @@
-"""`linrep reproduce synthetic`: the paper's synthetic ablations (PAPER.md 4.1) as one sweep.
+"""`linrep reproduce synthetic`: the paper's synthetic ablations as one sweep.
+
+The settings and the paper's figures are described in docs/science.md, synthetic experiments.
 
 Two arms, each a one-factor-at-a-time ablation around the paper's default setting (d=5, |C|=100,
 κ=10, vMF conditional, uniform cluster vectors), like the paper's tables, not a cartesian product:
@@ -59,7 +61,7 @@ ROWS_IN_ORDER = ["default", "N = 10^5", "d = 10", "d = 20", "|C| = 10", "|C| = 1
 
 
 def paper_settings() -> list[Setting]:
-    """Both arms' one-factor-at-a-time ablations (section 4.1), in the table's row order."""
+    """Both arms' one-factor-at-a-time ablations (docs/science.md, synthetic experiments), in row order."""
     common = [
         Setting("", "d = 10", "d10", {"data.dim": 10}),
         Setting("", "d = 20", "d20", {"data.dim": 20}, cost=0.5),

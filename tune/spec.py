@@ -47,7 +47,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from trainer.config import Config, ConfigError, from_dict, load_raw, parse_override
+from trainer.config import Config, ConfigError, config_field, load_raw, parse_override, resolve
 from trainer.errors import UserError
 
 SPEC_DIR = Path(__file__).parent / "specs"
@@ -350,60 +350,17 @@ def load_spec(source: str, name: str | None = None) -> tuple[SweepSpec, str, Pat
 
 
 # ---- config keys ---------------------------------------------------------------------------
-def config_field(key: str):
-    """The pydantic field of a dotted config key, or UserError naming what exists."""
-    parts = key.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise UserError(f"'{key}' must name a section and a field, e.g. data.num_classes")
-    model: type[BaseModel] = Config
-    for i, part in enumerate(parts):
-        fld = model.model_fields.get(part)
-        where = ".".join(parts[:i]) or "the config"
-        if fld is None:
-            known = ", ".join(model.model_fields)
-            raise UserError(f"'{key}' is not a config key ({where} has: {known})")
-        section = _section_model(fld.annotation)
-        last = i == len(parts) - 1
-        if last and section is not None:
-            raise UserError(f"'{key}' is a config section; name one of its fields ({', '.join(section.model_fields)})")
-        if not last:
-            if section is None:
-                raise UserError(f"'{key}': {'.'.join(parts[:i + 1])} is a value, not a section")
-            model = section
-    return fld
-
-
-def _section_model(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
 def is_int_key(key: str) -> bool:
     """An int field (int or int | None): random draws for it are rounded."""
-    args = typing.get_args(config_field(key).annotation) or (config_field(key).annotation,)
+    annotation = config_field(key).annotation
+    args = typing.get_args(annotation) or (annotation,)
     return int in args and float not in args
-
-
-def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
-    """raw['data']['kappa'] = value for key 'data.kappa' (sections created as needed)."""
-    node = raw
-    *sections, leaf = key.split(".")
-    for part in sections:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {}
-        node = child
-    node[leaf] = value
 
 
 def trial_config(trial: Trial, runs_dir: str | Path | None = None) -> Config:
     """The validated config of one trial (run.name = its key; run.storage = the sweep's runs folder)."""
-    raw = load_raw(trial.base)
-    for key, value in trial.overrides.items():
-        set_key(raw, key, value)
-    set_key(raw, "run.name", trial.key)
-    if runs_dir is not None:
-        set_key(raw, "run.storage", str(runs_dir))
-    return from_dict(raw)
+    placement = {"run.name": trial.key, **({"run.storage": str(runs_dir)} if runs_dir is not None else {})}
+    return resolve(trial.base, {**trial.overrides, **placement})
 
 
 # ---- building the plan ---------------------------------------------------------------------
@@ -413,16 +370,19 @@ def build_plan(spec: SweepSpec, *, spec_text: str = "", where: str = "", cli_ove
     where = where or spec.name
     fail = _failer(where)
     try:
-        load_raw(spec.base)
+        base_raw = load_raw(spec.base)
     except ConfigError as err:
         raise fail("base", str(err))
     fixed = _fixed_overrides(spec, cli_overrides or [], fail)
-    base_cfg = _validated(spec.base, fixed, fail, "overrides")
+    try:
+        base_cfg = resolve(base_raw, fixed)
+    except ConfigError as err:
+        raise fail("overrides", str(err))
     try:
         dims = spec.dimensions()
     except UserError as err:
         raise UserError(f"sweep spec {where}: {err}") from None
-    _check_dimensions(spec, dims, fixed, fail)
+    _check_dimensions(base_raw, dims, fixed, fail)
     if spec.classes is not None and not base_cfg.is_synthetic and base_cfg.data.labels != "partition":
         raise fail("classes", f"data.labels={base_cfg.data.labels} fixes the number of classes of "
                               f"{base_cfg.data.dataset}; sweep it with data.labels=partition (K Voronoi cells)")
@@ -432,15 +392,11 @@ def build_plan(spec: SweepSpec, *, spec_text: str = "", where: str = "", cli_ove
             trials.append(Trial(key="", base=spec.base, overrides={**fixed, **values, "run.seed": seed},
                                 values=values, seed=seed, group=group_label(values)))
     trials = name_trials(spec.name, trials)
-    for t in trials:  # every combination is a valid config (cross-field checks), before Ray starts
-        try:
-            trial_config(t)
-        except ConfigError as err:
-            raise fail(f"trial {t.group}", str(err))
+    configs = [_trial_config_or_fail(t, fail) for t in trials]  # cross-field checks, before Ray starts
     root = Path(storage or spec.storage or str(Path(base_cfg.run.storage) / "sweeps")).expanduser().resolve()
     return SweepPlan(
         name=spec.name, trials=trials, swept=list(dims), metric=spec.metric, mode=spec.mode,
-        asha=_resolve_asha(spec, trials, fail), resources=spec.resources.model_dump(),
+        asha=_resolve_asha(spec, max(c.optim.steps for c in configs), fail), resources=spec.resources.model_dump(),
         max_concurrent=spec.max_concurrent, experiment=base_cfg.experiment_name, storage=str(root),
         spec_text=spec_text)
 
@@ -506,17 +462,7 @@ def _check_key(key: str, label: str, fail, *, allow_tracking: bool = False) -> N
         raise fail(label, f"'{key}' is per sweep, not per trial: set it under overrides")
 
 
-def _validated(base: str, overrides: dict[str, Any], fail, label: str) -> Config:
-    raw = load_raw(base)
-    for key, value in overrides.items():
-        set_key(raw, key, value)
-    try:
-        return from_dict(raw)
-    except ConfigError as err:
-        raise fail(label, str(err))
-
-
-def _check_dimensions(spec: SweepSpec, dims: dict[str, tuple[str, Dimension]], fixed: dict[str, Any],
+def _check_dimensions(base_raw: dict[str, Any], dims: dict[str, tuple[str, Dimension]], fixed: dict[str, Any],
                       fail) -> None:
     """Each swept key exists, is not reserved, and each of its values (or range ends) is valid alone."""
     for key, (label, dim) in dims.items():
@@ -526,15 +472,10 @@ def _check_dimensions(spec: SweepSpec, dims: dict[str, tuple[str, Dimension]], f
         if dim.kind in ("uniform", "loguniform") and _is_non_numeric(key):
             raise fail(label, f"{dim.kind} needs a numeric key; '{key}' takes {_describe(config_field(key).annotation)}")
         for value in dim.extremes():
-            probe = {**fixed, key: value}
-            raw = load_raw(spec.base)
-            for k, v in probe.items():
-                set_key(raw, k, v)
-            try:
-                Config.model_validate(raw)  # field checks only: cross-field ones need the whole trial
-            except ValidationError as err:
-                msg = err.errors()[0]["msg"].lower()
-                raise fail(label, f"value {value!r} is refused by {key}: {msg}") from None
+            try:  # field checks only: cross-field ones need the whole trial
+                resolve(base_raw, {**fixed, key: value}, cross_checks=False)
+            except ConfigError as err:
+                raise fail(label, f"value {value!r} is refused by {key}: {err.problem}") from None
 
 
 def _describe(annotation: Any) -> str:
@@ -549,14 +490,22 @@ def _is_non_numeric(key: str) -> bool:
     return not any(a in (int, float) for a in args)
 
 
-def _resolve_asha(spec: SweepSpec, trials: list[Trial], fail) -> dict[str, Any] | None:
+def _trial_config_or_fail(trial: Trial, fail) -> Config:
+    """The trial's config; a combination the config refuses is named by its configuration label."""
+    try:
+        return trial_config(trial)
+    except ConfigError as err:
+        raise fail(f"trial {trial.group}", str(err))
+
+
+def _resolve_asha(spec: SweepSpec, steps: int, fail) -> dict[str, Any] | None:
+    """ASHA's settings; max_t defaults to `steps`, the longest trial of the plan."""
     asha = spec.asha
     if asha is None:
         return None
     metric = asha.metric or spec.metric
     if not metric.startswith(METRIC_PREFIXES):
         raise fail("scheduler.asha.metric", f"'{metric}' is not a reported metric (train/loss or probe/...)")
-    steps = max(trial_config(t).optim.steps for t in trials)
     max_t = asha.max_t or steps
     if asha.grace_period > max_t:
         raise fail("scheduler.asha.grace_period", f"{asha.grace_period} > max_t={max_t}")

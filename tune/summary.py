@@ -15,16 +15,15 @@ under <sweep folder>/summary/ and logged as artifacts of the parent run:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from trainer import tracking
-from tune import mlflow_utils
+from trainer.files import write_text_atomic, write_with_atomic
+from tune.folder import TrialLedger
 from tune.spec import SweepPlan, Trial
 
-FIGURE_ORDER = ["probe/r2_affine", "probe/r2_linear", "probe/sv_mae", "probe/r2_w", "probe/r2_g"]
 SKIP_FIGURES = {"probe/seconds"}
 EXTRA_FIGURES = ["train/acc"]
 LOG_AXES = {"data.num_classes", "data.num_instances", "model.temperature", "optim.lr", "optim.steps"}
@@ -69,10 +68,8 @@ class Summary:
 # ---- collecting ------------------------------------------------------------------------------
 def collect_trials(plan: SweepPlan, uri: str, parent_run_id: str, *, with_history: bool = True) -> list[TrialRow]:
     """Every planned trial with its status, final figures and learning curve."""
-    from tune.sweep import TrialLedger
-
-    exp_id = mlflow_utils.experiment_id(uri, plan.experiment)
-    children = {c.key: c for c in mlflow_utils.child_runs(uri, exp_id, parent_run_id)}
+    exp_id = tracking.ensure_experiment(uri, plan.experiment)
+    children = {c.key: c for c in tracking.child_runs(uri, exp_id, parent_run_id)}
     rows = []
     for trial in plan.trials:
         ledger = TrialLedger(plan.sweep_dir, trial.key).read()
@@ -87,6 +84,9 @@ def collect_trials(plan: SweepPlan, uri: str, parent_run_id: str, *, with_histor
 
 
 def figure_names(rows: list[TrialRow], metric: str) -> list[str]:
+    """The figures to summarise: the probe's in its order, then other probe figures, then train/acc."""
+    from probes.actor import FIGURE_ORDER  # here, not at the top: probes.actor brings torch
+
     seen = {k for r in rows for k in r.final}
     probes = [k for k in FIGURE_ORDER if k in seen]
     probes += sorted(k for k in seen if k.startswith("probe/") and k not in FIGURE_ORDER and k not in SKIP_FIGURES)
@@ -248,16 +248,11 @@ def plot_learning_curves(summary: Summary, path: Path) -> bool:
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    write_with_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def write_outputs(summary: Summary, out_dir: Path, extra_tables: dict[str, str] | None = None) -> list[Path]:
     """summary.csv, summary.md (+ extra markdown tables) and the plots, under out_dir."""
-    from tune.sweep import write_text_atomic
-
     paths = []
     for name, text in {"summary.csv": to_csv(summary), "summary.md": to_markdown(summary),
                        **(extra_tables or {})}.items():
@@ -283,8 +278,8 @@ def publish_summary(plan: SweepPlan, uri: str, parent_run_id: str, *, out: Calla
         tracking.log_artifact(uri, parent_run_id, path, path.parent.name)
     best = summary.best()
     if best:
-        mlflow_utils.set_tags(uri, parent_run_id, {"linrep.best_configuration": best["configuration"]})
-        mlflow_utils.log_metrics(uri, parent_run_id, {
+        tracking.set_tags(uri, parent_run_id, {"linrep.best_configuration": best["configuration"]})
+        tracking.log_metrics(uri, parent_run_id, {
             f"best/{f}": best[f"{f}_mean"] for f in summary.figures
             if isinstance(best.get(f"{f}_mean"), float) and not math.isnan(best[f"{f}_mean"])})
     out("\n" + to_markdown(summary))

@@ -10,10 +10,12 @@ two 1-worker trials run at once; concurrency is capped by what the cluster's CPU
 When Tune stops a trial (ASHA, or Ctrl-C on the driver) the trainable's cleanup aborts the Train
 run through its controller before the trial's actor goes (see `abort_active_run`).
 
-Folders. <storage>/<sweep name>/ holds Tune's experiment state, `linrep_sweep.json` (the parent
-MLflow run id and the plan's fingerprint), `plan.json`, `runs/<trial key>/` (each trial's Ray Train
-run: checkpoints) and `trials/<trial key>.json` (a ledger: every start, the end, the final figures;
-`.stop` beside it while Tune stops the trial, `.stopped` once the scheduler ended it early).
+Folders. <storage>/<sweep name>/ holds Tune's experiment state beside what tune.folder owns: the
+state file (parent MLflow run id, the plan's fingerprint), plan.json, runs/<trial key>/ (each
+trial's Ray Train run) and the trial ledgers trials/<trial key>.json.
+
+MLflow. Through trainer.tracking only: the parent run carries linrep.sweep = the sweep's name and
+linrep.role = sweep; each trial's own trainer run is its child run (tag linrep.run_key = trial key).
 
 Resume. Rerunning the same command restores the Tune experiment (`Tuner.restore`, errored trials
 resumed too): finished trials are not rerun (Tune knows them, and the ledger short-circuits a trial
@@ -23,7 +25,6 @@ Ray Train run from its latest checkpoint and reuses its MLflow child run; the pa
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -34,99 +35,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trainer import tracking
-from trainer.config import TrackingConfig, load_raw
 from trainer.errors import RuntimeFault, UserError
-from tune import mlflow_utils
+from tune.folder import STATE_FILE, TERMINAL, TrialLedger, ledger_counts, read_state, write_plan, write_state
 from tune.spec import SweepPlan, Trial, build_plan, load_spec, trial_config
+from tune.summary import Summary, publish_summary
 
-STATE_FILE = "linrep_sweep.json"
-PLAN_FILE = "plan.json"
 TRIAL_MEMORY = 128 * 2**20  # the trial function's reservation: a little memory, no CPU (see module doc)
-TERMINAL = ("finished", "stopped")
-
-
-# ---- the sweep folder ------------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        raise UserError(f"{path} is damaged (not valid JSON); delete it to start that sweep afresh") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is damaged (not a JSON object)")
-    return data
-
-
-class TrialLedger:
-    """trials/<key>.json: the attempts of one trial and its end, written atomically by the trial."""
-
-    def __init__(self, sweep_dir: Path | str, key: str):
-        self.path = Path(sweep_dir) / "trials" / f"{key}.json"
-        self.key = key
-
-    def read(self) -> dict[str, Any]:
-        try:
-            d = read_json(self.path) or {}
-        except UserError:
-            d = {}  # a torn ledger only costs a rerun of that trial (it resumes from checkpoints)
-        if d.get("status") != "finished" and self.stopped_marker.exists():
-            d["status"] = "stopped"
-        return d
-
-    @property
-    def stopped_marker(self) -> Path:
-        """Written by the driver when the scheduler ended the trial early (its own file: no races)."""
-        return self.path.with_suffix(".stopped")
-
-    def mark_stopped(self) -> None:
-        self.stopped_marker.touch()
-
-    @property
-    def status(self) -> str | None:
-        return self.read().get("status")
-
-    def start(self, run_id: str | None, resume_step: int) -> None:
-        d = self.read()
-        attempts = d.get("attempts", [])
-        attempts.append({"start": time.time(), "pid": os.getpid(), "resume_step": resume_step})
-        write_json_atomic(self.path, {**d, "key": self.key, "run_id": run_id, "status": "running",
-                                      "attempts": attempts})
-
-    def end(self, status: str, **extra: Any) -> None:
-        """Close the current attempt; a terminal status the driver already set (stopped) is kept."""
-        d = self.read()
-        if d.get("status") in TERMINAL and status not in TERMINAL:
-            status = d["status"]
-        attempts = d.get("attempts", [])
-        if attempts:
-            attempts[-1]["end"] = time.time()
-            attempts[-1]["status"] = status
-        write_json_atomic(self.path, {**d, "key": self.key, "status": status, "attempts": attempts, **extra})
-
-    @property
-    def stop_flag(self) -> Path:
-        """Exists while Tune wants this trial stopped (scheduler decision or driver interrupt)."""
-        return self.path.with_suffix(".stop")
-
-
-def ledger_counts(sweep_dir: Path, keys: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for key in keys:
-        status = TrialLedger(sweep_dir, key).status or "pending"
-        counts[status] = counts.get(status, 0) + 1
-    return counts
+SWEEP_TAG = "linrep.sweep"  # on the parent run and every child run: the sweep's name
+ROLE_TAG = "linrep.role"    # "sweep" on the parent run
 
 
 # ---- the trial -------------------------------------------------------------------------------
@@ -171,8 +87,8 @@ def run_trial(trial: Trial, ctx: TrialContext, report: Callable[[dict], None]) -
     cfg.tracking.uri = None
     handle = prepare_run(cfg, parent_run_id=ctx.parent_run_id)
     if handle.run_id:
-        mlflow_utils.set_tags(ctx.tracking_uri, handle.run_id, {
-            mlflow_utils.SWEEP_TAG: ctx.sweep, "linrep.group": trial.group, "linrep.seed": trial.seed})
+        tracking.set_tags(ctx.tracking_uri, handle.run_id, {
+            SWEEP_TAG: ctx.sweep, "linrep.group": trial.group, "linrep.seed": trial.seed})
     ckpts = list_checkpoints(handle.run_dir) if handle.run_dir.is_dir() else []
     ledger.start(handle.run_id, read_meta(ckpts[-1])["step"] if ckpts else 0)
     _ACTIVE = active = ActiveRun(ledger.stop_flag, _controller_box())
@@ -183,7 +99,7 @@ def run_trial(trial: Trial, ctx: TrialContext, report: Callable[[dict], None]) -
         if ledger.stop_flag.exists():  # Tune stopped the trial and aborted its Train run: not a failure
             ledger.end("interrupted")
             if handle.run_id:
-                mlflow_utils.set_status(ctx.tracking_uri, handle.run_id, "KILLED")
+                tracking.set_status(ctx.tracking_uri, handle.run_id, "KILLED")
             return {}
         ledger.end("failed", error=_first_line(err))
         raise
@@ -359,18 +275,21 @@ class SweepOutcome:
     tracking_uri: str
     sweep_dir: Path
     counts: dict[str, int]
-    summary: Any = None                       # tune.summary.Summary
+    summary: Summary | None = None
     artifacts: list[Path] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
 
 
 def resolve_tracking_uri(plan: SweepPlan) -> str:
-    """The sweep's MLflow store: the base config's tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlruns."""
-    first = plan.trials[0]
-    uri = first.overrides.get("tracking.uri") or load_raw(first.base).get("tracking", {}).get("uri")
-    if first.overrides.get("tracking.enabled") is False or load_raw(first.base).get("tracking", {}).get("enabled") is False:
+    """The sweep's MLflow store: the trials' tracking.uri, else $MLFLOW_TRACKING_URI, else ./mlruns.
+
+    tracking.* is per sweep (a spec may set it only under overrides), so the first trial's config
+    speaks for every trial.
+    """
+    cfg = trial_config(plan.trials[0])
+    if not cfg.tracking.enabled:
         raise UserError(f"sweep {plan.name}: tracking.enabled=false, but a sweep's summary is read from MLflow")
-    return tracking.resolve_uri(TrackingConfig(uri=uri))
+    return tracking.resolve_uri(cfg.tracking)
 
 
 def open_sweep(plan: SweepPlan, uri: str) -> str:
@@ -379,40 +298,46 @@ def open_sweep(plan: SweepPlan, uri: str) -> str:
     A changed plan under an existing name is refused (its trials' runs would mix two configs).
     """
     sweep_dir = plan.sweep_dir
-    state = read_json(sweep_dir / STATE_FILE)
+    state = read_state(sweep_dir)
     fingerprint = plan.fingerprint()
     if state and state.get("fingerprint") != fingerprint:
         raise UserError(f"sweep '{plan.name}' in {sweep_dir} was started from a different spec or overrides; "
                         "rerun it unchanged to resume, or give this one another --name")
     exp_id = tracking.ensure_experiment(uri, plan.experiment)  # on the driver, before any trial: no races
     parent = state.get("parent_run_id") if state else None
-    if parent and not mlflow_utils.run_exists(uri, parent):
+    if parent and not tracking.run_exists(uri, parent):
         parent = None  # another tracking store than last time: start a parent run there
     if parent is None:
-        existing = mlflow_utils.find_parent(uri, exp_id, plan.name)
+        existing = find_parent(uri, exp_id, plan.name)
         if existing and not state:
             raise UserError(f"sweep '{plan.name}': MLflow experiment '{plan.experiment}' already holds a sweep of "
                             f"that name (parent run {existing}) but {sweep_dir / STATE_FILE} is missing; "
                             "give this sweep another --name (or delete those runs)")
         parent = existing or _create_parent(plan, uri, exp_id)
-    mlflow_utils.set_status(uri, parent, "RUNNING")
-    write_json_atomic(sweep_dir / STATE_FILE, {
+    tracking.set_status(uri, parent, "RUNNING")
+    write_state(sweep_dir, {
         "name": plan.name, "fingerprint": fingerprint, "parent_run_id": parent, "experiment": plan.experiment,
         "experiment_id": exp_id, "tracking_uri": tracking.redact(uri), "trials": len(plan.trials),
         "created": (state or {}).get("created", time.time()), "kind": plan.kind})
-    write_text_atomic(sweep_dir / PLAN_FILE, plan.to_json())
+    write_plan(sweep_dir, plan.to_json())
     return parent
 
 
+def find_parent(uri: str, experiment_id: str, sweep: str) -> str | None:
+    """The parent run of sweep `sweep` in this experiment (the oldest, should there be several)."""
+    runs = tracking.find_runs(uri, experiment_id, {SWEEP_TAG: sweep, ROLE_TAG: "sweep"}, max_results=1)
+    return runs[0].run_id if runs else None
+
+
 def _create_parent(plan: SweepPlan, uri: str, exp_id: str) -> str:
-    parent = mlflow_utils.create_parent(uri, exp_id, plan.name, {
-        "linrep.kind": plan.kind, "linrep.git_commit": tracking.git_commit() or "",
-        "linrep.sweep_dir": str(plan.sweep_dir)})
+    parent = tracking.create_run(uri, exp_id, plan.name, tags={
+        SWEEP_TAG: plan.name, ROLE_TAG: "sweep", "linrep.kind": plan.kind,
+        "linrep.git_commit": tracking.git_commit() or "", "linrep.sweep_dir": str(plan.sweep_dir)})
     params = {"sweep.trials": len(plan.trials), "sweep.configurations": len(plan.groups()),
               "sweep.swept": ",".join(plan.swept), "sweep.metric": plan.metric, "sweep.mode": plan.mode,
               "sweep.scheduler": "asha" if plan.asha else "fifo",
               **{f"sweep.resources.{k}": v for k, v in plan.resources.items()}}
-    mlflow_utils.log_params(uri, parent, {k: str(v) for k, v in params.items()})
+    tracking.log_params(uri, parent, params)
     if plan.spec_text:
         tracking.log_text(uri, parent, plan.spec_text, "sweep_spec.yaml")
     tracking.log_text(uri, parent, plan.to_json(), "sweep_plan.json")
@@ -469,7 +394,6 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     extra_tables: Summary -> {file name: markdown}, more tables for the parent run (reproduce's layout).
     """
     from trainer.run import init_ray
-    from tune.summary import publish_summary
 
     uri = resolve_tracking_uri(plan)
     tracking.check_reachable(uri)
@@ -495,7 +419,7 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     mark_stopped_runs(plan, uri)
     summary, artifacts = publish_summary(plan, uri, parent, out=out, extra_tables=extra_tables)
     complete = counts.get("finished", 0) + counts.get("stopped", 0) == len(plan.trials)
-    mlflow_utils.set_status(uri, parent, "FINISHED" if complete else ("FAILED" if failed else "KILLED"))
+    tracking.set_status(uri, parent, "FINISHED" if complete else ("FAILED" if failed else "KILLED"))
     return SweepOutcome(plan, parent, uri, plan.sweep_dir, counts, summary, artifacts, failed)
 
 
@@ -504,8 +428,8 @@ def mark_stopped_runs(plan: SweepPlan, uri: str) -> None:
     for t in plan.trials:
         d = TrialLedger(plan.sweep_dir, t.key).read()
         if d.get("status") == "stopped" and d.get("run_id"):
-            mlflow_utils.set_status(uri, d["run_id"], "KILLED")
-            mlflow_utils.set_tags(uri, d["run_id"], {"linrep.stopped_early": "scheduler"})
+            tracking.set_status(uri, d["run_id"], "KILLED")
+            tracking.set_tags(uri, d["run_id"], {"linrep.stopped_early": "scheduler"})
 
 
 def finish_message(outcome: SweepOutcome) -> int:
