@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from trainer.config import Config, ConfigError, from_dict
+from trainer.config import Config, ConfigError, from_dict, save_config
 from trainer.engine import MODEL_FILE, world_rank
 from trainer.errors import UserError
 from trainer.files import write_json_atomic
@@ -34,7 +34,7 @@ def write_checkpoint(engine, cfg: Config, meta: dict[str, Any], directory: Path)
     directory.mkdir(parents=True, exist_ok=True)
     engine.save(directory, client_state={"step": meta["step"]})
     if world_rank() == 0:
-        (directory / CONFIG_FILE).write_text(cfg.to_yaml())
+        save_config(cfg, directory / CONFIG_FILE)
         # meta lists every file with its size: a copy cut short (a crash while Ray persists the
         # checkpoint) is then detectable, not just a missing meta.json
         files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
