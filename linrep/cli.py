@@ -23,8 +23,6 @@ from pathlib import Path
 
 from trainer.errors import RuntimeFault, UserError
 
-FIGURE_ORDER = ["probe/r2_affine", "probe/r2_linear", "probe/sv_mae", "probe/r2_w", "probe/r2_g"]
-
 
 def _quiet_ray() -> None:
     """Environment of long-running commands: deduplicated Ray logs, and MLflow calls that fail fast
@@ -37,6 +35,8 @@ def _quiet_ray() -> None:
 
 
 def format_figures(final: dict[str, float]) -> str:
+    from probes.actor import FIGURE_ORDER  # imported here: `linrep --help` needs no torch
+
     keys = [k for k in FIGURE_ORDER if k in final] + sorted(k for k in final if k not in FIGURE_ORDER
                                                               and k != "probe/seconds")
     width = max((len(k) for k in keys), default=10)
@@ -74,7 +74,7 @@ def cmd_probe(args) -> int:
     from trainer.tracking import resolve_uri
 
     if args.target == "imagenetx":
-        from probes.imagenetx import cli_main
+        from linrep.imagenetx_cli import cli_main
 
         return cli_main(args.rest)
     if args.rest:

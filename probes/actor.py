@@ -55,9 +55,9 @@ def _dislib(model, cfg: Config, meta: dict, state: dict) -> dict[str, float]:
 
 @register_probe("imagenet")
 def _imagenet(model, cfg: Config, meta: dict, state: dict) -> dict[str, float]:
-    from probes.factors import imagenet_checkpoint_figures
+    from probes.imagenetx import checkpoint_probe
 
-    return imagenet_checkpoint_figures(model, cfg, state)
+    return checkpoint_probe(model, cfg, state)
 
 
 def probe_checkpoint(path: str | Path, state: dict | None = None, device: str = "cpu", with_config: bool = False):

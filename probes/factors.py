@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from probes.accuracy import accuracy_figures, topk_hits
 from probes.linear import fit_linear, pearson_r, r2_score
 from trainer.config import Config
 from trainer.data.labels import create_label_scheme
@@ -39,12 +40,9 @@ def collect(model, cfg: Config, manifest: Manifest, split: str, max_samples: int
                       else F.adaptive_avg_pool2d(img, PIXEL_SIDE).flatten(1))
         factors.append(batch["factors"])
         if labels is not None:
-            logits = model(x).float().cpu()
-            y = labels(batch)
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=-1).indices
-            top1.append(top[:, 0] == y)
-            top5.append((top == y[:, None]).any(-1))
+            hits1, hits5 = topk_hits(model(x).float().cpu(), labels(batch))
+            top1.append(hits1)
+            top5.append(hits5)
     out = {"features": torch.cat(feats), "pixels": torch.cat(pixels), "factors": torch.cat(factors)}
     if top1:
         out["top1"], out["top5"] = torch.cat(top1), torch.cat(top5)
@@ -89,9 +87,7 @@ def factor_figures(model, cfg: Config, state: dict) -> dict[str, float]:
     if "pixel_res" not in state:  # the raw-pixel baseline does not change between checkpoints
         state["pixel_res"] = decode_factors(train["pixels"], train["factors"], val["pixels"], val["factors"], names)
     pix = state["pixel_res"]
-    figures = {"val/acc": float(val["top1"].float().mean())}
-    if labels.num_classes > 5:
-        figures["val/acc_top5"] = float(val["top5"].float().mean())
+    figures = accuracy_figures(val["top1"], val["top5"], labels.num_classes)
     for name, (r, r2) in res.items():
         figures[f"probe/pearson/{name}"] = r
         figures[f"probe/r2/{name}"] = r2
@@ -104,11 +100,3 @@ def factor_figures(model, cfg: Config, state: dict) -> dict[str, float]:
 def _csv(markdown: str) -> str:
     lines = [l for l in markdown.strip().splitlines() if not l.startswith("|---")]
     return "\n".join(",".join(c.strip() for c in l.strip("|").split("|")) for l in lines) + "\n"
-
-
-def imagenet_checkpoint_figures(model, cfg: Config, state: dict) -> dict[str, float]:
-    """ImageNet checkpoints: validation top-1/top-5 and, when the split carries ImageNet-X names,
-    the ImageNet-X factor probe on those images (probes.imagenetx)."""
-    from probes.imagenetx import checkpoint_probe
-
-    return checkpoint_probe(model, cfg, state)

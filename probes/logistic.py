@@ -304,12 +304,6 @@ def decision_function_batched(X: Tensor, fit: LogisticFit, center: Tensor | None
     return z + offset[:, None]
 
 
-def predict_proba_batched(X: Tensor, fit: LogisticFit, center: Tensor | None = None,
-                          scale: Tensor | None = None) -> Tensor:
-    """P(y=1) [M, N] of every problem on every row."""
-    return torch.sigmoid(decision_function_batched(X, fit, center, scale))
-
-
 def weights_from_index(index_sets: list[Tensor] | list[np.ndarray], n: int, like: Tensor) -> Tensor:
     """Index sets (rows of each problem) -> 0/1 sample weights [M, n] for a shared X."""
     w = torch.zeros(len(index_sets), n, dtype=like.dtype, device=like.device)

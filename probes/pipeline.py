@@ -41,9 +41,7 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
 
     cfg = handle.cfg
     if handle.run_id:
-        from trainer.tracking import _client
-
-        _client(handle.tracking_uri).set_tag(handle.run_id, RUN_DIR_TAG, str(handle.run_dir))
+        tracking.set_tags(handle.tracking_uri, handle.run_id, {RUN_DIR_TAG: str(handle.run_dir)})
     actor = start_probe_actor(handle.tracking_uri, handle.run_id, cfg) if cfg.probe.enabled else None
     if actor is not None:
         queue_unprobed(handle, actor)
@@ -101,13 +99,8 @@ def queue_unprobed(handle: RunHandle, actor) -> list[int]:
 
 
 def find_run_dir(run_id: str, tracking_uri: str) -> Path:
-    from trainer.tracking import _client
-
-    try:
-        run = _client(tracking_uri).get_run(run_id)
-    except Exception:
-        raise UserError(f"MLflow run {run_id} not found in {tracking.redact(tracking_uri)}") from None
-    run_dir = run.data.tags.get(RUN_DIR_TAG)
+    """The checkpoint folder of a run, from its tag (UserError when the run or the folder is missing)."""
+    run_dir = tracking.get_run(tracking_uri, run_id).tags.get(RUN_DIR_TAG)
     if not run_dir or not Path(run_dir).is_dir():
         raise UserError(f"MLflow run {run_id}: its checkpoint folder ({run_dir or 'unknown'}) is not on this machine")
     return Path(run_dir)

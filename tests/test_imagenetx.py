@@ -265,7 +265,8 @@ def test_timm_pretrained_unavailable_is_a_user_error():
 
 
 def test_checkpoint_extractor(tmp_path):
-    from trainer.checkpoint import CONFIG_FILE, META_FILE, make_meta, write_json_atomic
+    from trainer.checkpoint import CONFIG_FILE, META_FILE, make_meta
+    from trainer.files import write_json_atomic
     from trainer.config import load_config
     from trainer.engine import MODEL_FILE
     from trainer.models import InputSpec, build_classifier
@@ -332,7 +333,7 @@ def test_run_imagenetx_probe_on_converted_shards(tmp_path, capfd, converted):
 def test_cli_logs_to_a_real_mlflow_store(tmp_path, converted, capsys):
     from mlflow.tracking import MlflowClient
 
-    from probes.imagenetx import cli_main
+    from linrep.imagenetx_cli import cli_main
 
     _, shards = converted
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,7 +1,8 @@
 """The Ray Train worker function: build -> train -> close.
 
 `train_loop_per_worker` is what TorchTrainer runs on every worker. It rebuilds the config from
-plain data, builds data source, model and engine, restores the latest checkpoint if Ray hands one
+plain data, builds data source, model and engine (`build_worker`, also used by the benchmarks'
+plain loops), restores the latest checkpoint if Ray hands one
 over, and runs `train`, which calls `train_step` and, every run.checkpoint_every steps, saves a
 self-describing checkpoint, reports it to Ray Train and hands its path to the probe actor.
 """
@@ -191,6 +192,18 @@ def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContex
             t0 = time.perf_counter()  # checkpoint time is not training throughput
 
 
+def build_worker(cfg: Config, rank: int, world: int, device: torch.device) -> tuple[TrainData, Any]:
+    """A worker's build phase: this rank's data source, then the model and its engine.
+
+    The seed is set first, so every rank starts from identical weights (and a benchmark's plain
+    loop from the weights a Ray Train worker would have)."""
+    torch.manual_seed(cfg.run.seed)
+    data = create_train_data(cfg, rank, world, device)
+    model = build_classifier(cfg, data.spec, data.num_outputs)
+    engine = setup_engine(model, cfg.optim, cfg.run, device, world)
+    return data, engine
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point of every Ray Train worker: build, train, close."""
     import ray.train
@@ -206,11 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(cfg.run.threads_per_worker or max(1, round(cfg.run.cpus_per_worker)))
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-
-    data = create_train_data(cfg, rank, world, device)
-    model = build_classifier(cfg, data.spec, data.num_outputs)
-    engine = setup_engine(model, cfg.optim, cfg.run, device, world)
+    data, engine = build_worker(cfg, rank, world, device)
     start_step = restore(engine, Path(ctx.run_dir))
     logger = None
     if rank == 0 and ctx.tracking_uri and ctx.run_id:

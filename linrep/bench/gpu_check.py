@@ -131,10 +131,7 @@ def synthetic_identifiability(device: torch.device, quick: bool, max_s: float) -
     """The synthetic experiment on the device: time until R² z̃->z >= 0.99 for three probes running."""
     from probes.synthetic import synthetic_figures
     from trainer.config import load_config
-    from trainer.data.sources import create_train_data
-    from trainer.engine import setup_engine
-    from trainer.loop import train_step
-    from trainer.models import build_classifier
+    from trainer.loop import build_worker, train_step
 
     overrides = [f"run.use_gpu={str(device.type == 'cuda').lower()}"]
     if quick:
@@ -144,9 +141,7 @@ def synthetic_identifiability(device: torch.device, quick: bool, max_s: float) -
     probe_every = 20 if quick else 250
     threshold = 0.5 if quick else THRESHOLD
     t_start = time.perf_counter()
-    torch.manual_seed(cfg.run.seed)
-    data = create_train_data(cfg, 0, 1, device)
-    engine = setup_engine(build_classifier(cfg, data.spec, data.num_outputs), cfg.optim, cfg.run, device, 1)
+    data, engine = build_worker(cfg, 0, 1, device)
     batches = data.batches(0)
     probes: list[tuple[int, float, float]] = []
     reached = None
@@ -177,7 +172,8 @@ def synthetic_identifiability(device: torch.device, quick: bool, max_s: float) -
 
 
 def run_checks(quick: bool, out_dir: Path, synthetic_max_s: float) -> dict[str, Any]:
-    from linrep.bench.harness import describe_machine, result_path, write_json_atomic
+    from linrep.bench.harness import describe_machine, result_path
+    from trainer.files import write_json_atomic
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -206,7 +202,7 @@ def run_checks(quick: bool, out_dir: Path, synthetic_max_s: float) -> dict[str, 
     result["engines"].append(engine_throughput(vit, "deepspeed", 2, batch, size, steps, device))
     result["synthetic"] = synthetic_identifiability(device, quick, synthetic_max_s)
     path = result_path(out_dir, "gpu-check", machine)
-    write_json_atomic(path, result)
+    write_json_atomic(path, result, sort_keys=False)
     log(f"wrote {path}")
     return result
 

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from trainer.errors import RuntimeFault, UserError
+from trainer.files import write_json_atomic
 
 BENCH_EXPERIMENT = "bench"          # where bench results are logged
 RUNS_EXPERIMENT = "bench-runs"      # where the linrep trainings a benchmark starts are logged
 OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
+BENCH_PARAM_CHARS = 500             # machine descriptions are short; longer values are cut
 
 
 # ---- context and results --------------------------------------------------------------------------
@@ -277,11 +279,6 @@ def limit_threads(threads: int) -> None:
         pass
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """Environment for a subprocess that should use `threads` threads in every library."""
-    return {k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-
-
 # ---- Ray and MLflow -------------------------------------------------------------------------------
 class RaySession:
     """A local Ray for the benchmarks that train through Ray Train (shut down afterwards)."""
@@ -327,53 +324,33 @@ def run_overrides(ctx: BenchContext, uri: str, label: str) -> list[str]:
             f"run.storage={(ctx.cache / 'ray_results').resolve()}", f"run.name=bench-{label}"]
 
 
-def metric_series(uri: str, run_id: str, key: str) -> list[tuple[int, float, float]]:
-    """[(step, value, unix seconds)] of one metric of a run, by step."""
-    from trainer.tracking import _client
-
-    hist = _client(uri).get_metric_history(run_id, key)
-    return sorted((m.step, m.value, m.timestamp / 1000.0) for m in hist)
-
-
 def steady_throughput(uri: str, run_id: str, skip: int = 2) -> dict[str, Any]:
     """Median train/samples_per_s of a run after its first `skip` log windows (start-up excluded)."""
-    series = metric_series(uri, run_id, "train/samples_per_s")
+    from trainer.tracking import metric_points
+
+    series = metric_points(uri, run_id, "train/samples_per_s")
     values = [v for _, v, _ in series[skip:]] or [v for _, v, _ in series]
     return {**spread(values), "windows": [round(v, 1) for v in values]}
 
 
 def log_result_to_mlflow(result: BenchResult, json_path: Path, uri: str) -> str:
     """One run in experiment `bench`: params (machine, target), metrics (ratio + figures), the JSON."""
-    from mlflow.entities import Metric, Param
-
     from trainer import tracking
 
-    client = tracking._client(uri)
     exp_id = tracking.ensure_experiment(uri, BENCH_EXPERIMENT)
-    tags = {"mlflow.runName": f"{result.name}{'-quick' if result.quick else ''}", "linrep.bench": result.name,
-            "linrep.git_commit": result.git_commit or "", "linrep.bench.met": str(result.met)}
-    run = client.create_run(exp_id, run_name=tags["mlflow.runName"], tags=tags)
-    rid = run.info.run_id
-    ts = int(time.time() * 1000)
-    metrics = {"ratio": result.ratio, **result.figures}
+    tags = {"linrep.bench": result.name, "linrep.git_commit": result.git_commit or "",
+            "linrep.bench.met": str(result.met)}
+    rid = tracking.create_run(uri, exp_id, f"{result.name}{'-quick' if result.quick else ''}", tags=tags)
     params = {"target": f"{result.op} {result.target:g}", "quick": str(result.quick),
               **{f"machine.{k}": str(v) for k, v in result.machine.items()}}
-    client.log_batch(rid, metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items()
-                                   if isinstance(v, (int, float)) and math.isfinite(v)],
-                     params=[Param(k, v[:500]) for k, v in params.items()])
-    client.log_artifact(rid, str(json_path))
-    client.set_terminated(rid, "FINISHED")
+    tracking.log_params(uri, rid, {k: v[:BENCH_PARAM_CHARS] for k, v in params.items()})
+    tracking.log_metrics(uri, rid, {"ratio": result.ratio, **result.figures}, step=0)  # NaN/inf are skipped
+    tracking.log_artifact(uri, rid, json_path)
+    tracking.set_status(uri, rid, "FINISHED")
     return rid
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def result_path(out: Path, name: str, machine: dict[str, Any]) -> Path:
     """`<name>.json`, or `<name>.<gpu>.json` for results taken on an accelerator (kept side by side)."""
     if machine.get("gpu"):
@@ -386,7 +363,7 @@ def save_result(result: BenchResult, out: Path) -> Path:
     """Write the result's JSON (atomically) and append it to history.jsonl (comparisons across commits)."""
     path = result_path(out, result.name, result.machine)
     data = result.to_json()
-    write_json_atomic(path, data)
+    write_json_atomic(path, data, sort_keys=False)
     with open(out / "history.jsonl", "a") as fh:
         fh.write(json.dumps({k: data[k] for k in ("name", "ratio", "op", "target", "met", "quick", "started",
                                                    "git_commit", "figures", "load")}) + "\n")
@@ -451,12 +428,13 @@ def ray_train_throughput(ctx: BenchContext, uri: str, source: str, overrides: li
     """
     from probes.pipeline import train_and_probe
     from trainer.config import load_config
+    from trainer.tracking import metric_points
 
     cfg = load_config(source, [*run_overrides(ctx, uri, label), *overrides])
     t0 = time.time()
     out = train_and_probe(cfg)
     wall = time.time() - t0
-    series = metric_series(uri, out.run_id, "train/samples_per_s")
+    series = metric_points(uri, out.run_id, "train/samples_per_s")
     tput = steady_throughput(uri, out.run_id, skip=skip)
     first, last = (series[skip] if len(series) > skip else series[0]), series[-1]
     span = last[2] - first[2]

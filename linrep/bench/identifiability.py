@@ -24,18 +24,17 @@ be several times faster. Its choices are stored with the result.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from linrep.bench.harness import (BenchContext, BenchResult, describe_machine, make_result, metric_series, median,
-                                  ratio_of, register_benchmark, run_isolated, run_overrides, runs_store)
+from linrep.bench.harness import (BenchContext, BenchResult, make_result, median, ratio_of, register_benchmark,
+                                  run_isolated, run_overrides, runs_store)
+from trainer.tracking import get_run, metric_points
 
 FAST_PRESET = "synthetic-fast"
 THRESHOLD = 0.99
@@ -245,15 +244,13 @@ def run_linrep(ctx: BenchContext, setup: IdentSetup, uri: str) -> dict[str, Any]
         tail = "\n".join(text.strip().splitlines()[-15:])
         raise RuntimeError(f"linrep train failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     run_id = match.group(1)
-    probes = metric_series(uri, run_id, "probe/r2_affine")
-    sps = metric_series(uri, run_id, "train/samples_per_s")
-    first_log = min((t for _, _, t in metric_series(uri, run_id, "train/loss")), default=float("nan"))
-    from trainer.tracking import _client
-
-    info = _client(uri).get_run(run_id).info
+    probes = metric_points(uri, run_id, "probe/r2_affine")
+    sps = metric_points(uri, run_id, "train/samples_per_s")
+    first_log = min((t for _, _, t in metric_points(uri, run_id, "train/loss")), default=float("nan"))
+    run = get_run(uri, run_id)
     return {"run_id": run_id, "probes": [(s, v, t) for s, v, t in probes], "t_launch": t_launch, "t_end": t_end,
-            "batch_size": int(_client(uri).get_run(run_id).data.params.get("optim.batch_size", 1024)),
-            "run_start": info.start_time / 1000.0, "first_train_log": first_log,
+            "batch_size": int(run.params.get("optim.batch_size", 1024)),
+            "run_start": run.start_time, "first_train_log": first_log,
             "samples_per_s": median(v for _, v, _ in sps[2:]) if len(sps) > 2 else median(v for _, v, _ in sps),
             "log": str(log_path)}
 

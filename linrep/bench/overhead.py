@@ -27,17 +27,11 @@ def plain_loop_throughput(config: dict, steps: int, window: int, threads: int) -
 
     from linrep.bench.harness import limit_threads
     from trainer.config import from_dict
-    from trainer.data.sources import create_train_data
-    from trainer.engine import setup_engine
-    from trainer.loop import train_step
-    from trainer.models import build_classifier
+    from trainer.loop import build_worker, train_step
 
     limit_threads(threads)
     cfg = from_dict(config)
-    device = torch.device("cpu")
-    torch.manual_seed(cfg.run.seed)
-    data = create_train_data(cfg, 0, 1, device)
-    engine = setup_engine(build_classifier(cfg, data.spec, data.num_outputs), cfg.optim, cfg.run, device, 1)
+    data, engine = build_worker(cfg, 0, 1, torch.device("cpu"))
     engine.train()
     batches = data.batches(0)
 

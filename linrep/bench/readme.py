@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from linrep.bench.harness import OPS, load_gpu_checks, load_results
 from trainer.errors import UserError
+from trainer.files import write_text_atomic
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -147,9 +147,7 @@ def update_readme(results_dir: Path, readme: Path) -> str:
     readme = Path(readme)
     text = readme.read_text() if readme.exists() else ""
     new = replace_block(text, render_block(load_results(Path(results_dir)), load_gpu_checks(Path(results_dir))))
-    tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, readme)
+    write_text_atomic(readme, new)
     return new
 
 

@@ -57,19 +57,13 @@ def _ddp_rank(rank: int, world: int, port: int, config: dict, steps: int, window
 
     from linrep.bench.harness import limit_threads
     from trainer.config import from_dict
-    from trainer.data.sources import create_train_data
-    from trainer.engine import setup_engine
-    from trainer.loop import train_step
-    from trainer.models import build_classifier
+    from trainer.loop import build_worker, train_step
 
     limit_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cfg = from_dict(config)
-        device = torch.device("cpu")
-        torch.manual_seed(cfg.run.seed)
-        data = create_train_data(cfg, rank, world, device)
-        engine = setup_engine(build_classifier(cfg, data.spec, data.num_outputs), cfg.optim, cfg.run, device, world)
+        data, engine = build_worker(cfg, rank, world, torch.device("cpu"))
         engine.train()
         batches = data.batches(0)
 
@@ -108,20 +102,14 @@ def gpu_throughput(config: dict, batch_sizes: list[int], steps: int) -> dict[str
     import torch
 
     from trainer.config import from_dict
-    from trainer.data.sources import create_train_data
-    from trainer.engine import setup_engine
-    from trainer.loop import train_step
-    from trainer.models import build_classifier
+    from trainer.loop import build_worker, train_step
 
     device = torch.device("cuda", 0)
     out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(0)}
     for bs in batch_sizes:
         raw = dict(config)
         raw["optim"] = {**raw["optim"], "batch_size": bs}
-        cfg = from_dict(raw)
-        torch.manual_seed(cfg.run.seed)
-        data = create_train_data(cfg, 0, 1, device)
-        engine = setup_engine(build_classifier(cfg, data.spec, data.num_outputs), cfg.optim, cfg.run, device, 1)
+        data, engine = build_worker(from_dict(raw), 0, 1, device)
         engine.train()
         batches = data.batches(0)
 

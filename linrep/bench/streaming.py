@@ -19,7 +19,6 @@ The full run uses the full 737,280-image set, generated once into data/dsprites-
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +112,7 @@ class RssSampler:
 
 
 def _engine_and_config(config: dict):
+    """The config and the engine of the in-memory run (the same model as the streaming run's, no data source)."""
     import torch
 
     from trainer.config import from_dict
@@ -133,12 +133,13 @@ def stream_throughput(config: dict, steps: int, window: int) -> dict[str, Any]:
     import torch
 
     from linrep.bench.harness import limit_threads
-    from trainer.data.images import ImageTrainData
-    from trainer.loop import train_step
+    from trainer.config import from_dict
+    from trainer.loop import build_worker, train_step
 
     limit_threads(1)
-    cfg, engine = _engine_and_config(config)
-    data = ImageTrainData(cfg, 0, 1, torch.device("cpu"))
+    cfg = from_dict(config)
+    data, engine = build_worker(cfg, 0, 1, torch.device("cpu"))  # ImageTrainData, as a Ray Train worker
+    engine.train()
     batches = data.batches(0)
 
     def step() -> None:

@@ -1,0 +1,161 @@
+"""The probe's statistics: balanced logistic probes per (target, seed), test accuracy and ROC-AUC,
+a one-sample t-test against chance, and Bonferroni over every tested (target, model) pair.
+
+All (target, seed) logistic fits of one feature matrix run as one batched problem (``probes.logistic``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from probes.imagenetx.annotations import TARGETS
+from probes.logistic import (
+    balanced_stratified_split,
+    decision_function_batched,
+    fit_logistic_batched,
+    standardize_stats,
+    weights_from_index,
+)
+from trainer.errors import UserError
+
+CHANCE = 0.5
+ALPHA = 0.05
+
+
+def drop_inactive_units(X: np.ndarray) -> tuple[np.ndarray, int]:
+    """Drop units constant over all images (never active for ReLU features; cannot be z-scored)."""
+    varies = X.max(0) - X.min(0) > 1e-8 * np.maximum(1.0, np.abs(X).max(0))
+    return X[:, varies], int((~varies).sum())
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC-AUC by the rank-sum (Mann-Whitney) formula, ties counted half."""
+    from scipy.stats import rankdata
+
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def t_test_vs_chance(values: Sequence[float], chance: float = CHANCE) -> tuple[float, float]:
+    """One-sample t-test of values > chance: (t, one-sided p). Zero spread: p = 0 if above, else 1."""
+    from scipy.stats import ttest_1samp
+
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2 or np.ptp(values) == 0:
+        mean = values.mean() if len(values) else chance
+        return (math.inf if mean > chance else -math.inf if mean < chance else 0.0), float(mean <= chance)
+    result = ttest_1samp(values, chance, alternative="greater")
+    return float(result.statistic), float(result.pvalue)
+
+
+@dataclass
+class _Problem:
+    target: str
+    seed: int
+    train: np.ndarray
+    test: np.ndarray
+
+
+def _plan_problems(Y: pd.DataFrame, targets: Sequence[str], seeds: int, test_size: float,
+                   seed: int) -> tuple[list[_Problem], dict[str, str]]:
+    problems, skipped = [], {}
+    for t_index, target in enumerate(targets):
+        labels = Y[target].to_numpy()
+        try:
+            for s in range(seeds):
+                # Seeds differ per target and run so that targets do not share subsamples by accident.
+                tr, te = balanced_stratified_split(labels, test_size=test_size,
+                                                   seed=seed * 1_000_003 + t_index * 1009 + s)
+                problems.append(_Problem(target, s, tr, te))
+        except UserError as err:
+            skipped[target] = str(err)
+    return problems, skipped
+
+
+def probe_features(X: np.ndarray | Tensor, Y: pd.DataFrame, *, seeds: int = 10, test_size: float = 0.3,
+                   targets: Sequence[str] = TARGETS, device: str | torch.device = "cpu", seed: int = 0,
+                   C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4,
+                   dtype: torch.dtype = torch.float32) -> pd.DataFrame:
+    """Balanced logistic probes of every target, `seeds` splits each; one row per target.
+
+    Columns: target, n_pos, n_neg, n_train, n_test, acc_mean, acc_std, auc_mean, auc_std, t, p_value,
+    accs (the per-seed accuracies). A target with < 2 rows in a class gets NaNs and a `note`."""
+    X = torch.as_tensor(X).detach().cpu().numpy()
+    X, dropped = drop_inactive_units(X)
+    if X.shape[1] == 0:
+        raise UserError("ImageNet-X probe: every feature unit is constant over the annotated images")
+    problems, skipped = _plan_problems(Y, targets, seeds, test_size, seed)
+    accs, aucs = _fit_problems(X, Y, problems, device=device, C=C, max_iter=max_iter, tol=tol, dtype=dtype)
+    rows = []
+    for target in targets:
+        labels = Y[target].to_numpy()
+        row = {"target": target, "n_pos": int((labels == 1).sum()), "n_neg": int((labels == 0).sum())}
+        idx = [i for i, p in enumerate(problems) if p.target == target]
+        if not idx:
+            rows.append({**row, "note": skipped.get(target, "no problems")})
+            continue
+        a, u = accs[idx], aucs[idx]
+        t, p = t_test_vs_chance(a)
+        rows.append({**row, "n_train": len(problems[idx[0]].train), "n_test": len(problems[idx[0]].test),
+                     "acc_mean": float(a.mean()), "acc_std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+                     "auc_mean": float(u.mean()), "auc_std": float(u.std(ddof=1)) if len(u) > 1 else 0.0,
+                     "t": t, "p_value": p, "accs": [round(float(v), 6) for v in a], "note": ""})
+    table = pd.DataFrame(rows)
+    table.attrs["dropped_units"] = dropped
+    table.attrs["units"] = int(X.shape[1])
+    return table
+
+
+def _fit_problems(X: np.ndarray, Y: pd.DataFrame, problems: list[_Problem], *, device, C: float, max_iter: int,
+                  tol: float, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """One batched fit of every (target, seed) problem; test accuracy and ROC-AUC per problem."""
+    if not problems:
+        return np.zeros(0), np.zeros(0)
+    Xt = torch.as_tensor(X, dtype=dtype, device=device)
+    n = Xt.shape[0]
+    labels = torch.as_tensor(np.stack([Y[p.target].to_numpy() for p in problems]), dtype=dtype, device=device)
+    train = weights_from_index([p.train for p in problems], n, Xt)
+    center, scale = standardize_stats(Xt, train)
+    fit = fit_logistic_batched(Xt, labels, sample_weight=train, center=center, scale=scale, C=C,
+                               max_iter=max_iter, tol=tol)
+    if not bool(fit.converged.all()):
+        print(f"[imagenetx] {int((~fit.converged).sum())}/{len(problems)} logistic fits stopped before "
+              f"tol={tol} (max_iter={max_iter} or no further decrease)", file=sys.stderr)
+    scores = decision_function_batched(Xt, fit, center, scale).cpu().numpy()
+    y = labels.cpu().numpy()
+    accs = np.array([((scores[m, p.test] > 0) == (y[m, p.test] == 1)).mean() for m, p in enumerate(problems)])
+    aucs = np.array([roc_auc(scores[m, p.test], y[m, p.test]) for m, p in enumerate(problems)])
+    return accs, aucs
+
+
+def results_table(per_model: dict[str, pd.DataFrame], alpha: float = ALPHA) -> pd.DataFrame:
+    """Long table (model, target, ...) with Bonferroni over every tested (target, model) pair.
+
+    Adds p_bonferroni = min(1, p * tests) and significant = p < alpha / tests."""
+    frames = [df.assign(model=model) for model, df in per_model.items()]
+    if not frames:
+        raise UserError("ImageNet-X probe: no models to tabulate")
+    table = pd.concat(frames, ignore_index=True)
+    if "p_value" not in table:
+        table["p_value"] = np.nan
+    tested = table["p_value"].notna()
+    tests = max(1, int(tested.sum()))
+    table["tests"] = tests
+    table["p_bonferroni"] = (table["p_value"] * tests).clip(upper=1.0)
+    table["significant"] = tested & (table["p_value"] < alpha / tests)
+    first = ["model", "target", "acc_mean", "acc_std", "auc_mean", "auc_std", "t", "p_value", "p_bonferroni",
+             "significant", "n_pos", "n_neg", "n_train", "n_test"]
+    return table[[c for c in first if c in table] + [c for c in table if c not in first]]
+
