@@ -197,23 +197,43 @@ def _classifier_and_engine(overrides: list[str], fused: bool = True):
     return cfg, engine
 
 
-def _two_steps(engine) -> torch.Tensor:
+def _fixed_gradients(engine, steps: int = 2) -> list[list[torch.Tensor]]:
+    """Gradients of a few batches at the engine's initial weights (the same for both optimizers)."""
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(1)
-    for _ in range(2):
+    out = []
+    for _ in range(steps):
         x, y = torch.randn(64, 5, generator=gen), torch.randint(100, (64,), generator=gen)
-        engine.backward(F.cross_entropy(engine.forward(x), y))
-        engine.step()
-    return torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+        loss = F.cross_entropy(engine.forward(x), y)
+        out.append([g.detach().clone() for g in torch.autograd.grad(loss, list(engine.module.parameters()))])
+    return out
+
+
+def _updates(engine, gradients: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Parameter change after optimizer steps fed the given gradients (no forward pass between)."""
+    params = list(engine.module.parameters())
+    start = torch.cat([p.detach().flatten() for p in params]).clone()
+    for grads in gradients:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        engine.optimizer.step()
+    return torch.cat([p.detach().flatten() for p in params]) - start
 
 
 def test_torch_engine_fuses_adam_without_changing_the_update():
-    _, fused = _classifier_and_engine(["model.learn_temperature=true"])
-    _, plain = _classifier_and_engine(["model.learn_temperature=true"], fused=False)
+    _, fused = _classifier_and_engine(["model.learn_temperature=true", "optim.warmup_steps=0"])
+    _, plain = _classifier_and_engine(["model.learn_temperature=true", "optim.warmup_steps=0"], fused=False)
     assert fused.optimizer.param_groups[0]["fused"] is True and not plain.optimizer.param_groups[0].get("fused")
-    # the same arithmetic: equal up to float rounding (Adam amplifies rounding only after many steps)
-    assert torch.allclose(_two_steps(fused), _two_steps(plain), atol=1e-6)
+    # The same update rule, compared on the same gradients. Recomputing gradients after each step
+    # lets rounding-level weight differences reach the next gradient, and Adam's early steps
+    # (update ~ lr * g/|g|) turn those into lr-sized differences for near-zero gradients: that
+    # failed at 6e-3 on an AMD EPYC while passing on Intel.
+    grads = _fixed_gradients(plain)
+    moved_fused, moved_plain = _updates(fused, grads), _updates(plain, grads)
+    lr = fused.optimizer.param_groups[0]["lr"]
+    assert lr > 0 and moved_plain.abs().max() > 0.5 * lr       # the steps really moved the weights
+    assert torch.allclose(moved_fused, moved_plain, atol=1e-3 * lr, rtol=1e-4)
 
 
 def test_torch_engine_bf16_autocast_only_when_asked():
