@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic.fields import FieldInfo
 
 from trainer.errors import UserError
@@ -40,7 +43,44 @@ class ConfigError(UserError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # allow_inf_nan=False: every float of the tree (and of nested dicts/lists such as run.stop_at)
+    # refuses inf, -inf and nan; one of them in optim.lr or data.kappa only shows up as a nan loss.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
+
+
+# ---- names -----------------------------------------------------------------------------------
+NAME_MAX = 128
+"""Longest run / experiment name; a sweep's trial keys (<= 96 characters + a 7-character hash) fit."""
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+"""Run names become a folder under run.storage and a value in MLflow's search filter: letters,
+digits, '.', '_' and '-' only (no '/', quotes or spaces), not starting with '.' or '-'."""
+SAFE_EXPERIMENT = re.compile(r"[A-Za-z0-9_/@][A-Za-z0-9._/@-]*")
+"""Experiment names also take '/' and '@' (Databricks names experiments by workspace path,
+/Users/me@example.com/linrep); they never become a folder, and '..' is refused all the same."""
+
+
+def name_problem(value: str, *, experiment: bool = False) -> str | None:
+    """Why `value` is not a safe run (or experiment) name, or None when it is."""
+    pattern, extra = (SAFE_EXPERIMENT, " '/' '@'") if experiment else (SAFE_NAME, "")
+    if not 1 <= len(value) <= NAME_MAX:
+        return f"must be 1 to {NAME_MAX} characters long (got {len(value)})"
+    if not pattern.fullmatch(value) or (experiment and ".." in value):
+        return (f"may only use letters, digits and . _ -{extra}, not start with '.' or '-'"
+                f"{' nor hold ..' if experiment else ''}, e.g. my-run_2")
+    return None
+
+
+def _safe_name(value: str | None, *, experiment: bool = False) -> str | None:
+    problem = None if value is None else name_problem(value, experiment=experiment)
+    if problem:
+        raise PydanticCustomError("unsafe_name", problem)
+    return value
+
+
+def safe_name_part(text: str) -> str:
+    """`text` with every character a run name does not take replaced by '_' (for derived names)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".-") or "run"
 
 
 class DataConfig(_Section):
@@ -191,6 +231,12 @@ class RunConfig(_Section):
     report, so Ray's default caps a run at one checkpoint per 2 s: measured 2.0 s per 50-step
     checkpoint when the 50 steps took 0.8 s."""
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_safe(cls, v):
+        """run.name=../../etc would put the run folder outside run.storage; a quote breaks MLflow's filter."""
+        return _safe_name(v)
+
 
 class TrackingConfig(_Section):
     uri: str | None = None
@@ -199,6 +245,11 @@ class TrackingConfig(_Section):
     """MLflow experiment; None = synthetic / dislib-<dataset> / imagenet."""
     enabled: bool = True
     """Log to MLflow at all."""
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_is_safe(cls, v):
+        return _safe_name(v, experiment=True)
 
 
 class ProbeConfig(_Section):
@@ -270,7 +321,10 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self) -> str:
-        return self.run.name or f"{self.preset or 'run'}-{self.fingerprint()}"
+        """run.name, or <preset>-<hash>: a config file's stem may hold characters a name does not take."""
+        if self.run.name:
+            return self.run.name
+        return f"{safe_name_part(self.preset or 'run')[:NAME_MAX - 9]}-{self.fingerprint()}"
 
     # ---- cross-field checks ---------------------------------------------------------------
     def check(self) -> "Config":
@@ -312,6 +366,9 @@ class Config(_Section):
         if bad:
             raise ConfigError(f"run.stop_at: {bad[0]} is not a probe figure (probe/... or val/..., "
                               "see the README's metric names)")
+        from trainer.memory import check_memory  # last: it names the key that makes the need too large
+
+        check_memory(self)
         return self
 
     # ---- (de)serialisation ----------------------------------------------------------------
@@ -378,8 +435,26 @@ def _pydantic_error(err: ValidationError) -> ConfigError:
     got = e.get("input")
     if isinstance(got, (dict, list)):
         got = json.dumps(got)[:60]
-    problem = str(e["msg"]).lower()
+    elif isinstance(got, str) and len(got) > 60:
+        got = got[:57] + "..."
+    problem = _lower_first(str(e["msg"]))  # not .lower(): "input should be 'C1', 'C2'..." keeps its case
+    if e["type"] == "finite_number":
+        problem = f"must be a finite number (inf and nan are refused){_default_hint(key)}"
     return ConfigError(f"config key '{key}' = {got!r}: {problem}", problem=problem)
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _default_hint(key: str) -> str:
+    """'; the default is 0.001' for a key with a finite default, else ''."""
+    try:
+        default = config_field(key).default
+    except ConfigError:  # e.g. run.stop_at.val/acc: a value inside a mapping
+        return ""
+    ok = isinstance(default, (int, float)) and not isinstance(default, bool) and math.isfinite(default)
+    return f"; the default is {default}" if ok else ""
 
 
 def from_dict(raw: dict[str, Any], *, cross_checks: bool = True) -> Config:

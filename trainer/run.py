@@ -9,10 +9,12 @@ from the latest checkpoint and the MLflow run is reused.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from trainer.config import Config, RunConfig
 from trainer.errors import UserError
@@ -77,12 +79,63 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
         from_env = os.environ.get("LINREP_STORAGE") if cfg.run.storage == DEFAULT_STORAGE else None
         storage = from_env or cfg.run.storage
     storage_path = Path(storage).expanduser().resolve()
+    run_dir = contained_run_dir(storage_path, run_key)
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_uri(cfg.tracking)
         tracking.check_reachable(uri)
         run_id = tracking.open_run(cfg, uri, run_key, parent_run_id=parent_run_id)
-    return RunHandle(cfg, run_key, storage_path / run_key, uri, run_id)
+    return RunHandle(cfg, run_key, run_dir, uri, run_id)
+
+
+def contained_run_dir(storage: Path, run_key: str) -> Path:
+    """storage/run_key, refused unless it lies inside `storage`.
+
+    The config already restricts run.name to safe characters; this is the second line of defence
+    (a name that reached here another way must not put a run folder, or Ray Train's deletions,
+    outside the storage folder)."""
+    run_dir = (storage / run_key).resolve()
+    if run_dir == storage or not run_dir.is_relative_to(storage):
+        raise UserError(f"run.name={run_key!r} would put the run folder outside run.storage={storage}; "
+                        "use letters, digits and . _ - only")
+    return storage / run_key
+
+
+# ---- the Ray address -------------------------------------------------------------------------
+GCS_DEFAULT_PORT = 6379
+ADDRESS_TIMEOUT_S = 3.0
+
+
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) that a Ray address connects to first, or None when Ray resolves it itself
+    ("auto", "local", an http:// dashboard address)."""
+    if address in ("auto", "local") or address.startswith(("http://", "https://")):
+        return None
+    try:
+        parts = urlsplit("//" + address.removeprefix("ray://"))
+        host, port = parts.hostname, parts.port or GCS_DEFAULT_PORT  # .port raises on a bad port
+    except ValueError:
+        host = None
+    if not host:
+        raise UserError(f"Ray address {address!r} is not host:port (e.g. 10.0.0.5:6379, ray://head:10001 or auto)")
+    return host, port
+
+
+def check_ray_address(address: str | None = None, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Fail in one line, within `timeout` seconds, when nothing listens at `address` / $RAY_ADDRESS.
+
+    ray.init on an address nobody serves prints GCS retry warnings and waits for minutes; callers
+    run this before ray.init and before opening an MLflow run, so nothing is left RUNNING."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    endpoint = ray_endpoint(address) if address else None
+    if endpoint is None:
+        return
+    try:
+        socket.create_connection(endpoint, timeout=timeout).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or err.__class__.__name__)
+        raise UserError(f"cannot reach Ray at {address} ({reason.lower()}): start the cluster "
+                        "(ray start --head) or fix --address / $RAY_ADDRESS") from None
 
 
 def init_ray(address: str | None = None) -> None:
@@ -92,6 +145,7 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)
     kwargs: dict[str, Any] = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
     try:
         if address:
