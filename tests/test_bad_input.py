@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from linrep.cli import main
+from tests.conftest import run_linrep
 from trainer.checkpoint import make_meta, write_checkpoint
 from trainer.config import load_config
 from trainer.engine import TorchEngine
@@ -289,6 +290,30 @@ CASES = {
     "spec refused value": spec_file(BASE_SPEC + "space:\n  data.kappa: {grid: [0, 10]}\n", "data.kappa"),
     "spec unknown top key": spec_file(BASE_SPEC + "colour: blue\n", "colour"),
     "spec not yaml": spec_file("name: [oops\n", "spec.yaml"),
+    # values that used to pass validation and break the run (inf/nan, unsafe names, no machine holds it)
+    "lr inf": static(["train", "synthetic-supervised", "optim.lr=inf"], "optim.lr"),
+    "lr nan": static(["train", "synthetic-supervised", "optim.lr=nan"], "optim.lr"),
+    "kappa inf": static(["train", "synthetic-supervised", "data.kappa=inf"], "data.kappa"),
+    "temperature -inf": static(["train", "synthetic-supervised", "model.temperature=-inf"], "model.temperature"),
+    "stop_at nan": static(["train", "synthetic-supervised", "run.stop_at={val/acc: .nan}"], "run.stop_at"),
+    "config file inf": lambda t: (["train", str(cfg_file(t, "base: synthetic-supervised\noptim: {lr: .inf}\n"))],
+                                  "optim.lr"),
+    "run name escapes storage": static(["train", "synthetic-supervised", "run.name=../../escaped"], "run.name"),
+    "run name with quote": static(["train", "synthetic-supervised", "run.name=a'b"], "run.name"),
+    "run name too long": static(["train", "synthetic-supervised", "run.name=" + "n" * 300], "run.name"),
+    "experiment with quote": static(["train", "synthetic-supervised", "tracking.experiment=a'b"],
+                                    "tracking.experiment"),
+    "classes beyond memory": static(["train", "synthetic-supervised", "data.num_classes=10000000000"],
+                                    "data.num_classes"),
+    "batch beyond memory": static(["train", "synthetic-supervised", "optim.batch_size=1000000000000"],
+                                  "optim.batch_size"),
+    "probe samples beyond memory": static(["train", "synthetic-supervised", "probe.samples=100000000000"],
+                                          "probe.samples"),
+    "instances beyond memory": static(["train", "synthetic-diet", "data.num_instances=100000000000"],
+                                      "data.num_instances"),
+    "dim beyond memory": static(["train", "synthetic-supervised", "data.dim=100000"], "data.dim"),
+    "unreachable ray address": static(["train", "synthetic-fast", "--address", "127.0.0.1:1"], "127.0.0.1:1"),
+    "malformed ray address": static(["train", "synthetic-fast", "--address", "head:port"], "head:port"),
 }
 
 
@@ -313,3 +338,33 @@ def test_bad_input_is_one_line_and_a_clean_exit(case, tmp_path, capsys, monkeypa
 
 def test_there_are_at_least_forty_cases():
     assert len(CASES) >= 40
+
+
+# Through the real CLI in a subprocess (fd-level output): refused with exit 2 in one line before
+# anything starts, no run folder, no MLflow store (so no RUNNING run), no folder outside the storage.
+REFUSED_BEFORE_START = {
+    "lr inf": (["optim.lr=inf"], "optim.lr"),
+    "kappa inf": (["data.kappa=inf"], "data.kappa"),
+    "temperature nan": (["model.temperature=nan"], "model.temperature"),
+    "run name escapes storage": (["run.name=../../escaped"], "run.name"),
+    "run name with quote": (["run.name=a'b"], "run.name"),
+    "classes beyond memory": (["data.num_classes=10000000000"], "data.num_classes"),
+    "batch beyond memory": (["optim.batch_size=1000000000000"], "optim.batch_size"),
+    "probe samples beyond memory": (["probe.samples=100000000000"], "probe.samples"),
+    "unreachable ray address": (["--address", "127.0.0.1:1"], "127.0.0.1:1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_BEFORE_START), ids=sorted(REFUSED_BEFORE_START))
+def test_refused_through_the_cli_before_anything_starts(case, tmp_path):
+    args, needle = REFUSED_BEFORE_START[case]
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    store = work / "mlflow.db"
+    proc = run_linrep(["train", "synthetic-fast", f"tracking.uri=sqlite:///{store}", *args], cwd=work, timeout=120)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not store.exists() and not (work / "mlruns").exists()  # no MLflow run was opened
+    assert not (work / "ray_results").exists() and not (tmp_path / "a" / "escaped").exists()

@@ -7,6 +7,9 @@ import yaml
 
 from tests.conftest import REPO, run_linrep
 from trainer.config import Config, ConfigError, list_presets, load_config, parse_override
+from trainer.errors import UserError
+from trainer.memory import GIB, check_memory, probe_needs, worker_needs
+from trainer.run import contained_run_dir, ray_endpoint
 
 
 @pytest.mark.parametrize("preset", list_presets())
@@ -62,6 +65,34 @@ BAD = [
     (["run.stop_at={val/acc: 0.999}", "probe.enabled=false"], "run.stop_at"),
     (["run.stop_at={train/loss: 0.1}"], "run.stop_at"),
     (["run.stop_at=0.999"], "run.stop_at"),
+    # non-finite numbers, in every float of the tree
+    (["optim.lr=inf"], "optim.lr"),
+    (["optim.lr=-inf"], "optim.lr"),
+    (["optim.lr=nan"], "optim.lr"),
+    (["data.kappa=inf"], "data.kappa"),
+    (["data.kappa=.nan"], "data.kappa"),
+    (["model.temperature=inf"], "model.temperature"),
+    (["optim.grad_clip=inf"], "optim.grad_clip"),
+    (["optim.weight_decay=1e999"], "optim.weight_decay"),
+    (["run.cpus_per_worker=nan"], "run.cpus_per_worker"),
+    (["run.stop_at={val/acc: .inf}"], "run.stop_at"),
+    (["data.conditional_scale=inf"], "data.conditional_scale"),
+    # names that would leave the storage folder or break MLflow's filter
+    (["run.name=../../etc"], "run.name"),
+    (["run.name=a'b"], "run.name"),
+    (["run.name=a/b"], "run.name"),
+    (["run.name=.hidden"], "run.name"),
+    (["run.name=" + "x" * 129], "run.name"),
+    (["run.name=with space"], "run.name"),
+    (["tracking.experiment=a'b"], "tracking.experiment"),
+    (["tracking.experiment=../x"], "tracking.experiment"),
+    # what no machine holds, refused before a step runs
+    (["data.num_classes=10000000000"], "data.num_classes"),
+    (["optim.batch_size=1000000000000"], "optim.batch_size"),
+    (["probe.samples=100000000000"], "probe.samples"),
+    (["data.dim=100000"], "data.dim"),
+    (["model.hidden=[1000000,1000000]"], "model.hidden"),
+    (["data.labels=instance", "data.num_instances=100000000000"], "data.num_instances"),
 ]
 
 
@@ -70,7 +101,69 @@ def test_bad_values_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config("synthetic-supervised", overrides)
     msg = str(err.value)
-    assert key in msg and "\n" not in msg
+    assert key in msg and "\n" not in msg and len(msg) < 400
+
+
+@pytest.mark.parametrize("value,fix", [("optim.lr=inf", "the default is 0.001"),
+                                       ("data.kappa=nan", "the default is 10.0")])
+def test_non_finite_numbers_name_the_fix(value, fix):
+    with pytest.raises(ConfigError, match="finite") as err:
+        load_config("synthetic-supervised", [value])
+    assert fix in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["my-run_2", "a.b", "A" * 128, "bench-classes-x-kappa-C10-k5-s0"])
+def test_safe_names_are_kept(name):
+    assert load_config("synthetic-supervised", [f"run.name={name}"]).run_name() == name
+
+
+def test_experiment_names_take_workspace_paths():
+    cfg = load_config("synthetic-supervised", ["tracking.experiment=/Users/me@example.com/linrep"])
+    assert cfg.experiment_name == "/Users/me@example.com/linrep"
+
+
+def test_derived_run_name_is_safe_for_any_file_name(tmp_path):
+    f = tmp_path / "my exp's (1).yaml"
+    f.write_text(yaml.safe_dump({"base": "synthetic-supervised"}))
+    name = load_config(str(f)).run_name()
+    assert name.startswith("my_exp_s__1_-")
+    assert load_config("synthetic-supervised", [f"run.name={name}"]).run.name == name  # a name it accepts
+
+
+def test_run_folder_stays_inside_storage(tmp_path):
+    assert contained_run_dir(tmp_path, "ok") == tmp_path / "ok"
+    for escape in ("../escaped", "../../etc", "/abs", "."):
+        with pytest.raises(UserError, match="outside run.storage"):
+            contained_run_dir(tmp_path, escape)
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_presets_fit_in_a_small_machine(preset):
+    """The memory floor is a floor: every preset fits in 1 GiB per process (the CI machines have more)."""
+    cfg = load_config(preset) if preset.startswith("synthetic") else load_config(preset, ["data.root=/tmp/x"])
+    check_memory(cfg, available=GIB)
+    assert sum(n.nbytes for n in worker_needs(cfg)) < GIB and sum(n.nbytes for n in probe_needs(cfg)) < GIB
+
+
+def test_memory_check_names_the_largest_need():
+    cfg = load_config("synthetic-supervised")
+    with pytest.raises(ConfigError) as err:
+        check_memory(cfg, available=1024)
+    msg = str(err.value)
+    assert "would need ~" in msg and "GiB available; lower " in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("address,endpoint", [("127.0.0.1:1", ("127.0.0.1", 1)), ("head", ("head", 6379)),
+                                              ("ray://head:10001", ("head", 10001)), ("[::1]:6379", ("::1", 6379)),
+                                              ("auto", None), ("http://head:8265", None)])
+def test_ray_addresses_parse(address, endpoint):
+    assert ray_endpoint(address) == endpoint
+
+
+@pytest.mark.parametrize("address", ["head:port", "head:99999"])
+def test_malformed_ray_address_is_refused(address):
+    with pytest.raises(UserError, match="not host:port"):
+        ray_endpoint(address)
 
 
 def test_stop_at_takes_a_mapping_of_probe_figures():
