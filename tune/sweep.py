@@ -393,8 +393,9 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
 
     extra_tables: Summary -> {file name: markdown}, more tables for the parent run (reproduce's layout).
     """
-    from trainer.run import init_ray
+    from trainer.run import check_ray_address, init_ray
 
+    check_ray_address(address)  # before the parent run opens: a bad address leaves nothing RUNNING
     uri = resolve_tracking_uri(plan)
     tracking.check_reachable(uri)
     if plan.asha:
