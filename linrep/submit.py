@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TextIO
 from urllib.parse import urlparse
 
+from trainer import ray_private
 from trainer.errors import RuntimeFault, UserError
 
 if TYPE_CHECKING:  # ray is imported lazily: `linrep --help` must stay fast
@@ -193,7 +194,7 @@ def connect(args: argparse.Namespace) -> tuple["JobSubmissionClient", ClusterTar
 
     if version != ray.__version__:
         _note(f"warning: the cluster runs Ray {version}, this machine {ray.__version__}")
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging",
+    for name in ("ray.dashboard.modules.dashboard_sdk", ray_private.PACKAGING_LOGGER,
                  "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)  # our own summary replaces their INFO lines
     try:
@@ -318,17 +319,13 @@ def job_excludes(working_dir: Path, extra: list[str], env: Mapping[str, str] = o
 def upload_listing(working_dir: Path, excludes: list[str]) -> list[Path]:
     """The files Ray will upload for runtime_env {"working_dir": working_dir, "excludes": excludes}:
     Ray's default excludes, .gitignore (unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1), .rayignore."""
-    from ray._private import ray_constants
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
-
     root = working_dir.resolve()
-    rules = ray_constants.get_runtime_env_default_excludes() + list(excludes)
-    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    rules = ray_private.runtime_env_default_excludes() + list(excludes)
     files: list[Path] = []
     quiet = logging.getLogger("linrep.submit.listing")
     quiet.setLevel(logging.WARNING)
-    _dir_travel(root, [_get_excludes(root, rules)], lambda p: p.is_file() and files.append(p),
-                include_gitignore=include_gitignore, logger=quiet)
+    ray_private.walk_working_dir(root, rules, lambda p: p.is_file() and files.append(p),
+                                 include_gitignore=ray_private.working_dir_includes_gitignore(), logger=quiet)
     return sorted(files)
 
 
@@ -349,14 +346,14 @@ def check_package_sources(working_dir: Path, listing: list[Path]) -> None:
 
 
 def _gitignore_rule(root: Path, rel: str) -> str | None:
-    from ray._private.thirdparty.pathspec import PathSpec
+    from pathspec import GitIgnoreSpec
 
     gitignore = root / ".gitignore"
     if not gitignore.is_file():
         return None
     for line in gitignore.read_text().splitlines():
         line = line.strip()
-        if line and not line.startswith("#") and PathSpec.from_lines("gitwildmatch", [line]).match_file(rel):
+        if line and not line.startswith("#") and GitIgnoreSpec.from_lines([line]).match_file(rel):
             return line
     return None
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from trainer import tracking
+from trainer import ray_private, tracking
 from trainer.errors import RuntimeFault, UserError
 from tune.folder import STATE_FILE, TERMINAL, TrialLedger, ledger_counts, read_state, write_plan, write_state
 from tune.spec import SweepPlan, Trial, build_plan, load_spec, trial_config
@@ -161,9 +161,8 @@ def _controller_box():
 
 def _register_controller(box):
     """A Ray Train controller callback: hands the controller's own handle to `box` at start."""
-    from ray.train.v2._internal.execution.callback import ControllerCallback
 
-    class RegisterController(ControllerCallback):
+    class RegisterController(ray_private.controller_callback_class()):
         def __init__(self, box):
             self.box = box
 
@@ -193,7 +192,7 @@ def _report_callback(stop_flag: str):
             item = {**metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {})}
             while not os.path.exists(self._flag):
                 try:
-                    self._training_actor_item_queue.put(item, timeout=1.0)
+                    ray_private.put_training_item(self, item, timeout=1.0)
                     return
                 except Full:
                     continue
@@ -207,8 +206,6 @@ def make_trainable(plan: SweepPlan, ctx: TrialContext):
     A function trainable (what Ray 2.60 supports around Ray Train) whose cleanup, run when Tune
     stops the trial, first aborts the trial's Train run.
     """
-    from ray.tune.trainable.function_trainable import wrap_function
-
     trials = {t.key: t for t in plan.trials}
 
     def linrep_trial(config: dict) -> None:
@@ -216,7 +213,7 @@ def make_trainable(plan: SweepPlan, ctx: TrialContext):
 
         run_trial(trials[config["trial"]], ctx, tune.report)
 
-    class LinrepTrial(wrap_function(linrep_trial)):
+    class LinrepTrial(ray_private.function_trainable_class(linrep_trial)):
         def cleanup(self):
             abort_active_run()
             super().cleanup()

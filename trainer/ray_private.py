@@ -1,0 +1,96 @@
+"""Every private or internal Ray API the project relies on, in one place.
+
+Ray gives no stability promise for these names; a Ray upgrade may move, rename or change any of
+them without a deprecation warning. The callers (tune/sweep.py, linrep/submit.py) import them only
+through this module, and tests/test_ray_private.py checks each one (it exists, it is a class or a
+function with the expected methods, attributes and signature) so that an upgrade fails there, in
+one place and with a message naming what moved, instead of deep inside a sweep or a job submission.
+
+Checked against Ray ``RAY_VERSION_CHECKED`` (the version requirements.lock pins). On an upgrade:
+run tests/test_ray_private.py, fix what it names here, then update ``RAY_VERSION_CHECKED``.
+
+What is used, and why there is no public way to do it in Ray 2.60:
+
+- ``ray.train.v2._internal.execution.callback.ControllerCallback``: a Ray Train controller
+  callback. The sweep needs the Train controller's actor handle to abort a trial's Train run
+  when Tune stops the trial (ASHA); Ray's public ``UserCallback`` runs on the controller but is
+  not told when the controller starts, so it cannot hand its handle out.
+- ``TuneReportCallback._training_actor_item_queue`` (``ray.tune.integration.ray_train``): the
+  one-slot queue through which Tune's callback hands a Train report to the trial. Tune's own
+  ``after_report`` blocks on it forever once the trial is stopped (nobody reads it any more),
+  which would also block the Train controller's event loop and with it the abort; the sweep's
+  callback puts with a timeout instead.
+- ``ray.tune.trainable.function_trainable.wrap_function``: turns a function into Tune's
+  function trainable class. Subclassing that class is the only way to run code in the trial
+  actor when Tune stops the trial (``cleanup``): the sweep aborts the trial's Train run there.
+- ``ray._private.runtime_env.packaging._dir_travel`` / ``_get_excludes`` and
+  ``ray._private.ray_constants`` (default excludes, the .gitignore switch): the rules Ray applies
+  when it packs a job's ``working_dir``. ``linrep submit`` lists what will be uploaded before
+  submitting (and refuses a job whose own package sources would be left out); using Ray's own
+  traversal keeps that listing identical to what Ray uploads (.gitignore, .rayignore, excludes).
+- ``PACKAGING_LOGGER``: the name of that packaging module's logger, quieted by ``linrep submit``.
+
+Ray is imported inside each function: importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+RAY_VERSION_CHECKED = "2.60.0"
+
+PACKAGING_MODULE = "ray._private.runtime_env.packaging"
+PACKAGING_LOGGER = PACKAGING_MODULE  # Ray's module-level logger, named after its module
+
+# The attribute of ray.tune.integration.ray_train.TuneReportCallback holding the trial's queue.
+TRAINING_ITEM_QUEUE_ATTR = "_training_actor_item_queue"
+
+
+# ---- Ray Train / Tune ---------------------------------------------------------------------
+def controller_callback_class() -> type:
+    """Ray Train v2's ControllerCallback: subclass it and override
+    ``after_controller_start(self, train_run_context)``; it runs inside the controller actor."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    return ControllerCallback
+
+
+def put_training_item(report_callback: Any, item: dict, timeout: float) -> None:
+    """Put one Train report on the trial's queue of a TuneReportCallback (subclass) instance,
+    waiting at most `timeout` seconds; raises ray.util.queue.Full when the slot stays taken."""
+    getattr(report_callback, TRAINING_ITEM_QUEUE_ATTR).put(item, timeout=timeout)
+
+
+def function_trainable_class(train_fn: Callable[[dict], None]) -> type:
+    """Tune's function trainable class around `train_fn(config)`: subclass it to override
+    ``cleanup`` (run in the trial actor when Tune stops the trial)."""
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    return wrap_function(train_fn)
+
+
+# ---- job working_dir packaging ------------------------------------------------------------
+def runtime_env_default_excludes() -> list[str]:
+    """The exclude rules Ray always adds to a working_dir (.git, .venv, ...; env-overridable)."""
+    from ray._private import ray_constants
+
+    return list(ray_constants.get_runtime_env_default_excludes())
+
+
+def working_dir_includes_gitignore(env: dict | os._Environ = os.environ) -> bool:
+    """Whether Ray applies the working dir's .gitignore files (unless its switch variable is '1')."""
+    from ray._private import ray_constants
+
+    return env.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+
+
+def walk_working_dir(root: Path, rules: list[str], handler: Callable[[Path], Any], include_gitignore: bool,
+                     logger: logging.Logger) -> None:
+    """Call `handler` on every path Ray's working_dir packaging would visit under `root`, with the
+    gitwildmatch `rules` plus the .gitignore (when `include_gitignore`) and .rayignore files."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    _dir_travel(root, [_get_excludes(root, rules)], handler, include_gitignore=include_gitignore, logger=logger)
