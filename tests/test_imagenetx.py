@@ -163,7 +163,7 @@ def test_real_annotations(annotations):
     assert set(np.unique(annotations[list(FACTORS)].to_numpy())) == {0, 1}
     assert annotations["class_binary"].tolist() == (annotations["class"] >= 500).astype(int).tolist()
     top = load_imagenetx_annotations("top", filter_prototypes=True)
-    assert len(top) < len(annotations) and (top[list(FACTORS)].sum(1) <= 1).all()
+    assert len(top) < len(annotations) and (top[list(FACTORS)].sum(axis=1) <= 1).all()
 
 
 def test_join_with_real_annotations(annotations):
