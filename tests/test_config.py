@@ -205,3 +205,19 @@ def test_cli_refuses_before_ray_starts(tmp_path):
 def test_cli_unknown_preset(tmp_path):
     proc = run_linrep(["train", "no-such-preset"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "no-such-preset" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("uri", ["postgresql://linrep:s3cr3t-pw@db.test:5432/mlflow",
+                                 "https://user:tok3n-value@mlflow.test/"])
+def test_credentials_of_the_tracking_uri_are_never_written(tmp_path, uri):
+    """params, config.yaml and a checkpoint's config carry the URI without its user:password part."""
+    from trainer.config import resolve, save_config
+
+    cfg = resolve("synthetic-fast", [f"tracking.uri={uri}"])
+    secret = uri.split("://", 1)[1].split("@", 1)[0]
+    save_config(cfg, tmp_path / "config.yaml")
+    written = [str(cfg.flatten()), cfg.to_yaml(), (tmp_path / "config.yaml").read_text()]
+    assert all(secret not in text and secret.split(":")[1] not in text for text in written)
+    assert cfg.flatten()["tracking.uri"] == uri.replace(secret, "***")
+    assert cfg.tracking.uri == uri  # the driver still connects with it
+    assert cfg.fingerprint() == resolve("synthetic-fast").fingerprint()  # tracking never names a run

@@ -60,6 +60,16 @@ SAFE_EXPERIMENT = re.compile(r"[A-Za-z0-9_/@][A-Za-z0-9._/@-]*")
 /Users/me@example.com/linrep); they never become a folder, and '..' is refused all the same."""
 
 
+def redact_uri(uri: str) -> str:
+    """scheme://user:secret@host/... -> scheme://***@host/... (credentials are never written)."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        authority, sep, path = rest.partition("/")
+        if "@" in authority:
+            return f"{scheme}://***@{authority.rsplit('@', 1)[1]}{sep}{path}"
+    return uri
+
+
 def name_problem(value: str, *, experiment: bool = False) -> str | None:
     """Why `value` is not a safe run (or experiment) name, or None when it is."""
     pattern, extra = (SAFE_EXPERIMENT, " '/' '@'") if experiment else (SAFE_NAME, "")
@@ -376,11 +386,20 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as written to disk and MLflow (config.yaml, checkpoints): credentials redacted."""
+        return yaml.safe_dump(self.to_shareable_dict(), sort_keys=False)
 
     def flatten(self) -> dict[str, Any]:
-        """{'data.dim': 5, ...}: MLflow params."""
-        return dict(_flatten(self.to_dict()))
+        """{'data.dim': 5, ...}: MLflow params (credentials redacted)."""
+        return dict(_flatten(self.to_shareable_dict()))
+
+    def to_shareable_dict(self) -> dict[str, Any]:
+        """to_dict() with the tracking URI's user:password part replaced by *** (a URI such as
+        postgresql://user:pw@db/mlflow must not reach params, config.yaml or checkpoints)."""
+        d = self.to_dict()
+        if d["tracking"].get("uri"):
+            d["tracking"]["uri"] = redact_uri(d["tracking"]["uri"])
+        return d
 
 
 def _flatten(d: dict, prefix: str = ""):

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.config import Config, TrackingConfig
+from trainer.config import Config, TrackingConfig, redact_uri
 from trainer.errors import UserError
 
 DEFAULT_DIR = Path("mlruns")
@@ -60,10 +60,7 @@ def resolve_uri(tracking: TrackingConfig) -> str:
 
 def redact(uri: str) -> str:
     """http://user:secret@host -> http://***@host (never log credentials)."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri
+    return redact_uri(uri)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
