@@ -23,9 +23,12 @@ def ray_local():
     """A real local Ray runtime with this machine's 2 CPUs (module-scoped: started once per file)."""
     import ray
 
+    from trainer.ray_private import use_single_machine_mode
+
     if not ray.is_initialized():
+        use_single_machine_mode()  # as a local `linrep train`: every socket on 127.0.0.1
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 configure_logging=True)
+                 configure_logging=True, _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.local.clusterlib import LOOPBACK, listeners
 from tests.conftest import LINREP
 from trainer.checkpoint import list_checkpoints, read_meta
 
@@ -28,19 +29,28 @@ def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
 
 
 def test_two_workers_killed_resumed_metrics_exactly_once(tmp_path):
+    """Also: while 2 workers train, the local run listens on 127.0.0.1 only."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run_dir = tmp_path / "ray_results" / "itest"
     # 1. start, wait for the second checkpoint, then kill the driver (and its local Ray) with SIGKILL
     proc = subprocess.Popen([*LINREP, *ARGS], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 400
+    deadline, sockets = time.time() + 400, []
     try:
         while time.time() < deadline and proc.poll() is None:
             done = [read_meta(p)["step"] for p in list_checkpoints(run_dir)] if run_dir.exists() else []
+            if done and not sockets:  # training with 2 workers: the local Ray's socket table now
+                sockets = listeners([proc.pid])
             if any(s >= 2 * EVERY for s in done):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
+        # every socket of the run (driver, GCS, raylet, agents, both workers, the probe actor, gloo's
+        # pairs) on loopback, but one: torch's TCPStore (the process group's rendezvous, in rank 0)
+        # binds the wildcard and torch 2.14 has no option to bind it elsewhere (RELIABILITY.md).
+        assert len(sockets) >= 5, sockets
+        outside = [row for row in sockets if row[0] not in LOOPBACK]
+        assert len(outside) <= 1 and all(name == "ray::RayTrainWorker" for _, _, _, name in outside), sockets
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)

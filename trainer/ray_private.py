@@ -29,6 +29,12 @@ What is used, and why there is no public way to do it in Ray 2.60:
   submitting (and refuses a job whose own package sources would be left out); using Ray's own
   traversal keeps that listing identical to what Ray uploads (.gitignore, .rayignore, excludes).
 - ``PACKAGING_LOGGER``: the name of that packaging module's logger, quieted by ``linrep submit``.
+- ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` and its variable
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``: Ray's single-machine mode. A local run must bind every
+  socket to 127.0.0.1; ``ray.init(_node_ip_address="127.0.0.1")`` alone still binds GCS, the
+  raylet and every worker to ``*`` (measured: 7 of 10 listeners), and only this mode, in the
+  driver and in the processes it starts, keeps them all on loopback (10 of 10). The public
+  switch is read once, when ray is imported; the driver may have imported ray already.
 
 Ray is imported inside each function: importing this module costs nothing.
 """
@@ -70,6 +76,21 @@ def function_trainable_class(train_fn: Callable[[dict], None]) -> type:
     from ray.tune.trainable.function_trainable import wrap_function
 
     return wrap_function(train_fn)
+
+
+# ---- a local Ray that listens on loopback only ----------------------------------------------
+LOCAL_MODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def use_single_machine_mode() -> None:
+    """Make the next local ``ray.init`` bind GCS, raylet, workers and agents to 127.0.0.1 only.
+
+    Sets the variable for the processes Ray starts and the constant the driver read at import.
+    Only for a Ray this process starts itself: a driver joining a cluster needs its real address."""
+    from ray._private import ray_constants
+
+    os.environ[LOCAL_MODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 # ---- job working_dir packaging ------------------------------------------------------------

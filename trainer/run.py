@@ -20,11 +20,13 @@ from trainer.config import Config, RunConfig
 from trainer.errors import UserError
 from trainer.loop import LoopContext, train_loop_per_worker
 from trainer import tracking
+from trainer.ray_private import use_single_machine_mode
 
 
 # On a cluster the default ./ray_results would land in a job's temporary working directory:
 # LINREP_STORAGE (shared storage, e.g. /mnt/shared/linrep) replaces the default there.
 DEFAULT_STORAGE = RunConfig.model_fields["storage"].default
+LOOPBACK = "127.0.0.1"  # a local Ray's node address: nothing it starts listens elsewhere
 
 
 @dataclass
@@ -150,8 +152,9 @@ def init_ray(address: str | None = None) -> None:
     try:
         if address:
             ray.init(address=address, **kwargs)
-        else:
-            ray.init(address="local", include_dashboard=False, **kwargs)
+        else:  # every socket on loopback (gloo's rendezvous too: it uses the node's address)
+            use_single_machine_mode()
+            ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else err.__class__.__name__
         raise UserError(f"cannot reach Ray at {address or 'local'}: {first}") from None
