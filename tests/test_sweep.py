@@ -5,6 +5,7 @@ stopping trials early (their Train runs aborted, their CPUs freed)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -296,29 +297,21 @@ def check_finished_sweep(tmp_path: Path, name: str, n_trials: int, out: subproce
     return parent, children
 
 
-def test_small_sweep_through_ray_tune_two_trials_at_a_time(tmp_path):
-    spec = write_spec(tmp_path / "small.yaml", name="small", classes=[10, 50], seeds=2, max_concurrent=2)
-    out = run_linrep(["sweep", str(spec)], cwd=tmp_path, timeout=900)
-    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    check_finished_sweep(tmp_path, "small", 4, out)
-    sweep_dir = tmp_path / "ray_results" / "sweeps" / "small"
-    spans = _intervals(sweep_dir)
-    assert len(spans) == 4 and max_overlap(spans) == 2  # both cores busy, never oversubscribed
-    ledgers = [json.loads(p.read_text()) for p in (sweep_dir / "trials").glob("*.json")]
-    assert all(d["status"] == "finished" and len(d["attempts"]) == 1 for d in ledgers)
-    csv = (sweep_dir / "summary" / "summary.csv").read_text().splitlines()
-    assert len(csv) == 3 and csv[1].startswith("num_classes=10,10,")
-
-
 @pytest.mark.slow
 def test_ci_grid_2x2x2_runs_two_at_a_time_and_summarises_in_mlflow(tmp_path):
     """The figure: a 2x2 grid x 2 seeds sweep on 2 cores runs trials two at a time; summary in MLflow."""
     out = run_linrep(["sweep", "ci-grid"], cwd=tmp_path, timeout=1500)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     check_finished_sweep(tmp_path, "ci-grid", 8, out)
-    spans = _intervals(tmp_path / "ray_results" / "sweeps" / "ci-grid")
-    assert len(spans) == 8 and max_overlap(spans) == 2
-    assert Path(tmp_path / "ray_results" / "sweeps" / "ci-grid" / "plots" / "r2_vs_kappa.png").is_file()
+    sweep_dir = tmp_path / "ray_results" / "sweeps" / "ci-grid"
+    spans = _intervals(sweep_dir)
+    assert len(spans) == 8 and max_overlap(spans) == 2  # both cores busy, never oversubscribed
+    assert (sweep_dir / "plots" / "r2_vs_kappa.png").is_file()
+    ledgers = [json.loads(p.read_text()) for p in (sweep_dir / "trials").glob("*.json")]
+    assert len(ledgers) == 8 and all(d["status"] == "finished" and len(d["attempts"]) == 1 for d in ledgers)
+    rows = list(csv.DictReader((sweep_dir / "summary" / "summary.csv").read_text().splitlines()))
+    assert sorted((int(r["data.num_classes"]), float(r["data.kappa"]), int(r["n"])) for r in rows) == \
+        [(10, 5.0, 2), (10, 10.0, 2), (50, 5.0, 2), (50, 10.0, 2)]
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
