@@ -264,4 +264,6 @@ def require_fit(demand: Demand, nodes: list[Node], *, copies: int = 1, fix: str 
 
         print(f"warning: {reason} (now; {AUTOSCALING_ENV}=1: waiting for the autoscaler)", file=sys.stderr, flush=True)
         return
-    raise UserError(reason + f" (an autoscaling cluster: set {AUTOSCALING_ENV}=1)")
+    # a machine's own Ray (one node with CPUs) never grows: the hint is for cluster heads
+    local = len(nodes) == 1 and nodes[0].cpus > 0
+    raise UserError(reason if local else f"{reason} (an autoscaling cluster: set {AUTOSCALING_ENV}=1)")
