@@ -230,7 +230,9 @@ def _shape(nodes: list[Node], attr: str) -> str:
     if not having:
         return f" ({len(nodes)} node{'s' if len(nodes) != 1 else ''})"
     if len(set(having)) == 1:
-        return f" ({len(having)} node{'s' if len(having) > 1 else ''} x {_g(having[0])})"
+        without = len(nodes) - len(having) if attr == "cpus" else 0  # CPU-only nodes are no news for GPUs
+        more = f" + {without} node{'s' if without > 1 else ''} with none" if without else ""
+        return f" ({len(having)} node{'s' if len(having) > 1 else ''} x {_g(having[0])}{more})"
     return f" ({_nodes(nodes)})"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,12 @@ def check_cluster(cfg: Config) -> str | None:
     cluster.require_fit(cluster.run_demand(cfg), nodes, grows=grows)
     if not cfg.tracking.enabled:
         return None
-    return cluster.tracking_uri_for(tracking.resolve_uri(cfg.tracking), nodes, driver_ip, grows=grows)
+    uri = tracking.resolve_uri(cfg.tracking)
+    reachable = cluster.tracking_uri_for(uri, nodes, driver_ip, grows=grows)
+    if reachable != uri:
+        print(f"[linrep] tracking: {tracking.redact(uri)} -> {tracking.redact(reachable)} (the head's address: "
+              f"{len(nodes)} nodes log there)", file=sys.stderr, flush=True)
+    return reachable
 
 
 # ---- the Ray address -------------------------------------------------------------------------
