@@ -34,6 +34,9 @@ def never(host, port):  # a one-node decision must not probe the network
                                  "/tmp/mlruns", "http://10.9.9.9:5000"])
 def test_one_node_keeps_the_tracking_uri(uri):
     assert tracking_uri_for(uri, [Node("127.0.0.1", 2, 0, True)], "127.0.0.1", answers=never) == uri
+    assert tracking_uri_for(uri, [Node("10.1.2.3", 2, 0, True)], "10.1.2.3", answers=never) == uri
+    # a head pinned to loopback (infra/local/cluster.sh) is this machine, whatever the driver reports
+    assert tracking_uri_for(uri, [Node("127.0.0.1", 2, 0, True)], "192.0.2.2", answers=never) == uri
 
 
 @pytest.mark.parametrize("uri, expected, port", [

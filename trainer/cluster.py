@@ -95,7 +95,9 @@ def tracking_uri_for(uri: str, nodes: list[Node], driver_ip: str, *, grows: bool
 
     grows: the cluster autoscales (nodes may join later); answers(host, port): does a server listen there."""
     ips = {n.ip for n in nodes}
-    single = len(nodes) <= 1 and driver_ip in ips and not grows
+    # one node with the driver on it, or nodes that all live on this machine (pinned to loopback,
+    # like infra/local/cluster.sh's head, whatever address the driver reports for itself)
+    single = not grows and ((len(nodes) <= 1 and driver_ip in ips) or all(is_loopback_host(ip) for ip in ips))
     parts = urlsplit(uri)
     if single:
         return uri  # one node: loopback means the same machine to everyone (today's local runs)
