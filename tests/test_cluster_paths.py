@@ -98,6 +98,17 @@ def test_ds_accelerator_follows_use_gpu():
     assert ds_accelerator_env(True, {"DS_ACCELERATOR": "xpu"}) == {"DS_ACCELERATOR": "xpu"}
 
 
+def test_the_trainer_hands_the_workers_that_accelerator(monkeypatch, tmp_path):
+    """make_trainer's worker env (Ray's public RunConfig.worker_runtime_env), with the driver on cpu."""
+    from trainer.run import RunHandle, make_trainer
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for use_gpu, expected in ((True, None), (False, "cpu")):
+        cfg = resolve("synthetic-fast", [f"run.use_gpu={str(use_gpu).lower()}"])
+        trainer = make_trainer(RunHandle(cfg, "k", tmp_path / "k", None, None))
+        assert trainer.run_config.worker_runtime_env["env_vars"].get("DS_ACCELERATOR") == expected
+
+
 def test_demand_message_names_what_is_missing():
     eight = [Node(HEAD, 0, 0, True)] + [Node(f"10.0.1.{i}", 8, 1) for i in range(8)]
     cfg = resolve("imagenet-resnet50", ["probe.actor_gpus=0.5", "run.workers=8"])
