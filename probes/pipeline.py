@@ -12,7 +12,8 @@ from trainer import tracking
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import Config
 from trainer.errors import RuntimeFault, UserError
-from trainer.run import RunHandle, check_ray_address, fit, init_ray, prepare_run
+from trainer.run import (RunHandle, check_cluster, check_files_and_store, check_ray_address, fit, init_ray,
+                         prepare_run)
 
 RUN_DIR_TAG = "linrep.run_dir"
 PROBED_KEY = "probe/seconds"  # every probe family logs it
@@ -31,8 +32,10 @@ class Outcome:
 def train_and_probe(cfg: Config, *, address: str | None = None, parent_run_id: str | None = None) -> Outcome:
     """Run training through Ray Train with a probe actor beside it; return the final figures."""
     check_ray_address(address)  # before the MLflow run opens: an unreachable address leaves nothing RUNNING
-    handle = prepare_run(cfg, parent_run_id=parent_run_id)
+    check_files_and_store(cfg)  # bad data or a tracking server that is away: fail before Ray starts
     init_ray(address)
+    uri = check_cluster(cfg)    # the run fits the cluster, every node reaches the store: before the run opens
+    handle = prepare_run(cfg, parent_run_id=parent_run_id, tracking_uri=uri)
     return fit_and_probe(handle)
 
 

@@ -20,6 +20,7 @@ from tests.conftest import LINREP, run_linrep
 from trainer.errors import UserError
 from tune.spec import build_plan, load_spec, parse_spec
 from tune.folder import STATE_FILE, TrialLedger
+from trainer.cluster import Node
 from tune.sweep import open_sweep, trial_concurrency
 
 SMALL = {"optim.steps": 200, "optim.warmup_steps": 10, "run.checkpoint_every": 100, "run.log_every": 50,
@@ -81,19 +82,25 @@ def test_random_draws_are_seeded_in_range_and_typed(tmp_path):
 
 
 def test_trial_concurrency_fits_the_cluster(tmp_path):
+    one = lambda cpus, gpus=0.0: [Node("127.0.0.1", cpus, gpus, True)]  # noqa: E731
     plan = plan_of(tmp_path, classes=[10, 20, 30], seeds=2)
-    assert trial_concurrency(plan, {"CPU": 2.0}) == 2
+    assert trial_concurrency(plan, one(2.0)) == 2
     plan.max_concurrent = 1
-    assert trial_concurrency(plan, {"CPU": 2.0}) == 1
+    assert trial_concurrency(plan, one(2.0)) == 1
     plan.max_concurrent = None
     plan.resources = {"workers": 2, "cpus_per_worker": 1.0, "use_gpu": False}
-    assert trial_concurrency(plan, {"CPU": 8.0}) == 4
-    with pytest.raises(UserError, match="needs 2 CPUs"):
-        trial_concurrency(plan, {"CPU": 1.0})
+    assert trial_concurrency(plan, one(8.0)) == 4
+    with pytest.raises(UserError, match="one trial needs 2 workers x 1 CPU = 2 CPUs; the cluster has 1 CPUs"):
+        trial_concurrency(plan, one(1.0))
+    # per node: two 1-CPU nodes hold two 1-CPU workers, not one 2-CPU worker
+    plan.resources = {"workers": 1, "cpus_per_worker": 2.0, "use_gpu": False}
+    with pytest.raises(UserError, match="must fit on one node"):
+        trial_concurrency(plan, [Node("10.0.0.1", 1.0, 0, True), Node("10.0.0.2", 1.0)])
+    assert trial_concurrency(plan, [Node("10.0.0.1", 1.0, 0, True), Node("10.0.0.2", 1.0)], grows=True) == 6
     plan.resources = {"workers": 1, "cpus_per_worker": 1.0, "use_gpu": True}
-    assert trial_concurrency(plan, {"CPU": 16.0, "GPU": 3.0}) == 3
+    assert trial_concurrency(plan, one(16.0, 3.0)) == 3
     with pytest.raises(UserError, match="GPU"):
-        trial_concurrency(plan, {"CPU": 16.0})
+        trial_concurrency(plan, one(16.0))
 
 
 # ---- spec errors: one line naming the key, before Ray starts -----------------------------------

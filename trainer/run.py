@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from trainer import cluster
 from trainer.config import Config, RunConfig
 from trainer.errors import UserError
 from trainer.loop import LoopContext, train_loop_per_worker
@@ -70,8 +72,12 @@ def absolute_data_root(cfg: Config) -> None:
         cfg.data.root = str(Path(root).expanduser().resolve())
 
 
-def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str | None = None) -> RunHandle:
-    """Preflight, then name the run, open its MLflow run (reused on resume) and fix its storage folder."""
+def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str | None = None,
+                tracking_uri: str | None = None) -> RunHandle:
+    """Preflight, then name the run, open its MLflow run (reused on resume) and fix its storage folder.
+
+    tracking_uri: the store to use, as `check_cluster` made it reachable from every node (default:
+    tracking.uri / $MLFLOW_TRACKING_URI / ./mlruns)."""
     absolute_data_root(cfg)
     preflight(cfg)
     run_key = cfg.run_name()
@@ -84,7 +90,7 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
     run_dir = contained_run_dir(storage_path, run_key)
     uri = run_id = None
     if cfg.tracking.enabled:
-        uri = tracking.resolve_uri(cfg.tracking)
+        uri = tracking_uri or tracking.resolve_uri(cfg.tracking)
         tracking.check_reachable(uri)
         run_id = tracking.open_run(cfg, uri, run_key, parent_run_id=parent_run_id)
     return RunHandle(cfg, run_key, run_dir, uri, run_id)
@@ -101,6 +107,39 @@ def contained_run_dir(storage: Path, run_key: str) -> Path:
         raise UserError(f"run.name={run_key!r} would put the run folder outside run.storage={storage}; "
                         "use letters, digits and . _ - only")
     return storage / run_key
+
+
+def check_files_and_store(cfg: Config) -> None:
+    """The checks of prepare_run that need no Ray (files, the tracking server): callers run them
+    before Ray starts, so bad input fails in seconds (prepare_run repeats them; cached)."""
+    absolute_data_root(cfg)
+    preflight(cfg)
+    if cfg.tracking.enabled:
+        tracking.check_reachable(tracking.resolve_uri(cfg.tracking))
+
+
+# ---- the cluster -----------------------------------------------------------------------------
+def cluster_nodes() -> tuple[list[cluster.Node], str]:
+    """(the alive nodes, this driver's node address), after ray.init."""
+    import ray
+
+    return cluster.nodes_from_ray(ray.nodes()), ray.util.get_node_ip_address()
+
+
+def check_cluster(cfg: Config) -> str | None:
+    """After ray.init and before the MLflow run opens (a refusal leaves nothing RUNNING): refuse a
+    run the cluster cannot hold; return the tracking URI every node reaches (None: tracking off)."""
+    nodes, driver_ip = cluster_nodes()
+    grows = cluster.autoscaling()
+    cluster.require_fit(cluster.run_demand(cfg), nodes, grows=grows)
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking.resolve_uri(cfg.tracking)
+    reachable = cluster.tracking_uri_for(uri, nodes, driver_ip, grows=grows)
+    if reachable != uri:
+        print(f"[linrep] tracking: {tracking.redact(uri)} -> {tracking.redact(reachable)} (the head's address: "
+              f"{len(nodes)} nodes log there)", file=sys.stderr, flush=True)
+    return reachable
 
 
 # ---- the Ray address -------------------------------------------------------------------------
@@ -181,13 +220,13 @@ def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | N
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             callbacks=callbacks or None,
-            worker_runtime_env={"env_vars": _worker_env()},
+            worker_runtime_env={"env_vars": _worker_env(cfg.run.use_gpu)},
         ),
     )
 
 
-def _worker_env() -> dict[str, str]:
-    env = {"PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+def _worker_env(use_gpu: bool) -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1", **cluster.ds_accelerator_env(use_gpu),
            # Train V2 tees print() into its logger as well: every progress line showed twice
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
            **tracking.FAST_FAIL_ENV}

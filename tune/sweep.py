@@ -25,7 +25,6 @@ Ray Train run from its latest checkpoint and reuses its MLflow child run; the pa
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -34,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from trainer import ray_private, tracking
+from trainer import cluster, ray_private, tracking
+from trainer.cluster import Demand, Node
 from trainer.errors import RuntimeFault, UserError
 from tune.folder import STATE_FILE, TERMINAL, TrialLedger, ledger_counts, read_state, write_plan, write_state
 from tune.spec import SweepPlan, Trial, build_plan, load_spec, trial_config
@@ -341,22 +341,30 @@ def _create_parent(plan: SweepPlan, uri: str, exp_id: str) -> str:
     return parent
 
 
-def trial_concurrency(plan: SweepPlan, cluster: dict[str, float]) -> int:
-    """How many trials run at once: the spec's max_concurrent, capped by what the cluster fits."""
-    r = plan.resources
-    per_trial = r["workers"] * r["cpus_per_worker"]
-    fits = math.floor(cluster.get("CPU", 0) / per_trial + 1e-9)
-    if r["use_gpu"]:
-        fits = min(fits, math.floor(cluster.get("GPU", 0) / r["workers"] + 1e-9))
-    if fits < 1:
-        gpus = f" and {r['workers']} GPUs" if r["use_gpu"] else ""
-        raise UserError(f"sweep {plan.name}: one trial needs {per_trial:g} CPUs{gpus} (resources.workers x "
-                        f"cpus_per_worker) but the Ray cluster has {cluster.get('CPU', 0):g} CPUs, "
-                        f"{cluster.get('GPU', 0):g} GPUs")
+def trial_demand(plan: SweepPlan) -> Demand:
+    """What one trial reserves: its Train workers (the spec's resources) and its probe actor."""
+    r, probe = plan.resources, trial_config(plan.trials[0]).probe
+    return Demand(f"sweep {plan.name}: one trial", r["workers"], r["cpus_per_worker"], 1.0 if r["use_gpu"] else 0.0,
+                  probe.actor_cpus if probe.enabled else 0.0, probe.actor_gpus if probe.enabled else 0.0)
+
+
+SWEEP_FIX = "lower resources.workers or resources.cpus_per_worker in the spec (or the probe.actor_* overrides)"
+
+
+def trial_concurrency(plan: SweepPlan, nodes: list[Node], grows: bool = False) -> int:
+    """How many trials run at once: the spec's max_concurrent, capped by what the cluster's nodes
+    hold (trial bundles packed per node, as for one run); refused when not even one trial fits.
+    On an autoscaling cluster (grows) the cap is the spec's: Tune queues the rest and the
+    autoscaler adds nodes for them."""
+    demand = trial_demand(plan)
+    cluster.require_fit(demand, nodes, fix=SWEEP_FIX, grows=grows)
+    if grows:
+        return min(plan.max_concurrent or len(plan.trials), len(plan.trials))
+    fits = cluster.copies_that_fit(demand, nodes, len(plan.trials))
     if plan.max_concurrent and plan.max_concurrent > fits:
         print(f"[sweep] max_concurrent={plan.max_concurrent} but the cluster fits {fits} trials now; "
               f"running {fits} at a time", file=sys.stderr, flush=True)
-    return min(plan.max_concurrent or fits, fits, len(plan.trials))
+    return min(plan.max_concurrent or fits, fits)
 
 
 def build_tuner(plan: SweepPlan, ctx: TrialContext, concurrency: int):
@@ -390,21 +398,23 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
 
     extra_tables: Summary -> {file name: markdown}, more tables for the parent run (reproduce's layout).
     """
-    from trainer.run import check_ray_address, init_ray
+    from trainer.run import check_ray_address, cluster_nodes, init_ray
 
     check_ray_address(address)  # before the parent run opens: a bad address leaves nothing RUNNING
     uri = resolve_tracking_uri(plan)
     tracking.check_reachable(uri)
     if plan.asha:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    init_ray(address)
+    # before the parent run opens: a sweep the cluster cannot hold, or a store other nodes cannot
+    # reach, is refused with nothing RUNNING; trials get the URI every node reaches
+    nodes, driver_ip = cluster_nodes()
+    concurrency = trial_concurrency(plan, nodes, grows=cluster.autoscaling())
+    uri = cluster.tracking_uri_for(uri, nodes, driver_ip, grows=cluster.autoscaling())
     parent = open_sweep(plan, uri)
     ctx = TrialContext(plan.name, str(plan.sweep_dir), uri, parent)
     out(f"sweep {plan.name}: {len(plan.trials)} trials ({len(plan.groups())} configurations x seeds), "
         f"folder {plan.sweep_dir}, MLflow parent run {parent} in '{plan.experiment}' ({tracking.redact(uri)})")
-    init_ray(address)
-    import ray
-
-    concurrency = trial_concurrency(plan, ray.cluster_resources())
     out(f"sweep {plan.name}: up to {concurrency} trials at a time")
     tuner = build_tuner(plan, ctx, concurrency)
     grid = tuner.fit()
