@@ -198,11 +198,16 @@ class Bed:
     """Drive infra/local/bed.sh with a given state dir (tests, scripts)."""
 
     state_dir: Path
+    name: str = "lrbed"
     python: str = sys.executable
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "LINREP_BED_DIR": str(self.state_dir), "LINREP_PYTHON": self.python}
+        return {**os.environ, "LINREP_BED_DIR": str(self.state_dir), "LINREP_BED_NAME": self.name,
+                "LINREP_PYTHON": self.python}
+
+    def namespace(self, node: str) -> str:
+        return f"{self.name}-{node}"
 
     def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(SCRIPT), *args], env=self.env, capture_output=True, text=True,
