@@ -230,6 +230,49 @@ def test_every_socket_of_the_bed_is_inside_its_namespaces(bed):
     assert f"[{bed.namespace('head')}]" in status.stdout and "MLflow  " in status.stdout
 
 
+# ---- 4. linrep submit from the client ------------------------------------------------------
+def _linrep(bed: Bed, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`linrep ...` on the client node, from this checkout (the upload is the working dir)."""
+    return bed.exec("client", sys.executable, "-m", "linrep", *args, timeout=timeout)
+
+
+def test_linrep_submit_from_the_client_reaches_running(bed):
+    """The Jobs API path a user takes, timed: `linrep submit` to the job RUNNING on the head."""
+    t0 = time.monotonic()
+    sub = _linrep(bed, "submit", "--no-wait", "train", "synthetic-supervised", "optim.steps=1000000",
+                  "probe.enabled=false", timeout=120)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job_id = sub.stdout.strip().splitlines()[0]
+    status = ""
+    while time.monotonic() - t0 < 60:
+        out = _linrep(bed, "jobs", "status", job_id, timeout=60)
+        status = out.stdout
+        if re.search(r"status:\s+RUNNING", status):
+            break
+        time.sleep(0.5)
+    assert re.search(r"status:\s+RUNNING", status), status
+    print(f"\nlinrep submit -> job RUNNING: {time.monotonic() - t0:.1f} s (polled with `linrep jobs status`)")
+    assert time.monotonic() - t0 < 60
+    stop = _linrep(bed, "jobs", "stop", job_id, "--wait", timeout=120)
+    assert stop.returncode == 0 and f"job {job_id} STOPPED" in stop.stdout, stop.stdout + stop.stderr
+
+
+@pytest.mark.slow
+def test_linrep_submit_trains_on_w1_and_w2_with_the_shared_volume(bed):
+    """Two Ray Train workers, one per worker node, checkpoints on the shared /srv (the stand-in for
+    NFS), tracking on the bed's MLflow server. ~3.5 min on 2 cores."""
+    out = _linrep(bed, "submit", "train", "synthetic-supervised", "optim.steps=100", "optim.warmup_steps=10",
+                  "run.checkpoint_every=50", "probe.samples=1024", "run.workers=2", timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    to_running = re.search(r"RUNNING ([0-9.]+) s after `linrep submit` started", out.stderr)
+    print(f"\nlinrep submit -> RUNNING: {to_running.group(1)} s; whole job: {out.stderr.strip().splitlines()[-1]}")
+    cfg = bed.config()
+    assert f"ip={cfg['w1']}" in out.stdout and f"ip={cfg['w2']}" in out.stdout  # a worker on each node
+    run_dirs = list((bed.state_dir / "shared" / "ray_results").glob("synthetic-supervised-*"))
+    assert run_dirs, "no checkpoints on the shared volume"
+    assert re.search(r"MLflow run id: \w+ .*store http://" + re.escape(cfg["head"]) + ":5000", out.stdout)
+
+
 # ---- 3. idempotence, a killed node, down ---------------------------------------------------
 def test_up_again_starts_nothing(bed):
     inits = {n: bed.init_pid(n) for n in ("head", "w1", "w2", "client")}

@@ -121,15 +121,27 @@ net_up() {  # idempotent: the bridge namespace, then one veth per node (eth0 ins
 init_pid() { [[ -f "$RUN/$1.pid" ]] && cat "$RUN/$1.pid"; }
 init_alive() { local p; p="$(init_pid "$1")" && "${LIB[@]}" alive "$p" --expect "bedlib.py init $1"; }
 
-# Runs as PID 1 of the node before the init: the node's own /tmp and /home, the shared /srv. The
+# Runs as PID 1 of the node before the init: the node's own hostname and /etc/hosts (its name must
+# resolve to its bed address, as on a real cluster: Gloo, for one, advertises what the hostname
+# resolves to), its own /tmp and /home, the shared /srv. The
 # bind sources are resolved before /tmp is covered (the bed dir may itself be under /tmp). /root is
 # left alone: the interpreter may live there (pyenv).
 INIT_SH='set -eu
+hostname "$7"
+mount --bind "$8" /etc/hosts
 mount --bind "$4" /srv
 mount --bind "$3" /home
 mount --bind "$2" /tmp
 cd /
 exec "$5" "$6" init "$1"'
+
+write_hosts() {  # $1 file: every node by its hostname (lrbed-w1) and short name (w1)
+  local node
+  { echo "127.0.0.1 localhost"
+    for node in "${NODES[@]}"; do echo "${IP[$node]} $(ns "$node") $node"; done
+  } > "$1"
+  chmod 644 "$1"
+}
 
 start_init() {  # $1 node
   local node="$1" d upid pid
@@ -138,9 +150,12 @@ start_init() {  # $1 node
   mkdir -p "$d/tmp" "$(node_home "$node")/.ray" "$SHARED" "$RUN" "$LOGS"
   chmod 1777 "$d/tmp"; chmod 755 "$d/home"; chmod 700 "$(node_home "$node")"
   install -m 600 "$SECRETS/ray_token" "$(node_home "$node")/.ray/auth_token"  # Ray's default token path (~/.ray/auth_token)
-  # setsid: the node outlives this shell; --kill-child: if unshare dies, so does the node.
-  setsid ip netns exec "$(ns "$node")" unshare --pid --fork --mount-proc --kill-child \
+  write_hosts "$d/hosts"
+  # setsid: the node outlives this shell; --kill-child: if unshare dies, so does the node;
+  # --uts: its own hostname.
+  setsid ip netns exec "$(ns "$node")" unshare --pid --fork --mount-proc --uts --kill-child \
     bash -c "$INIT_SH" bed-init "$node" "$d/tmp" "$d/home" "$SHARED" "$PY" "$HERE/bedlib.py" \
+      "$(ns "$node")" "$d/hosts" \
     >> "$LOGS/$node.init.log" 2>&1 < /dev/null &
   upid=$!
   pid="$("${LIB[@]}" child-of "$upid")" || die "node $node: its PID namespace did not start (see $LOGS/$node.init.log)"
@@ -161,7 +176,7 @@ node_exec() {  # $1 node, then the command
   case "$wd/" in /tmp/*|/home/*|/srv/*) wd=/ ;; esac
   (
     node_env "$node"
-    exec nsenter --target "$pid" --net --pid --mount --wd="$wd" -- "$@"
+    exec nsenter --target "$pid" --net --pid --mount --uts --wd="$wd" -- "$@"
   )
 }
 
@@ -344,7 +359,10 @@ cmd_up() {
     || die "could not create the S3 buckets (log: $LOGS/head.moto.log)"
   start_mlflow
   start_ray_head
-  for node in "${WORKERS[@]}"; do start_ray_worker "$node"; done
+  # The workers join side by side (each `ray start` takes ~10 s on 2 cores).
+  local pids=() p
+  for node in "${WORKERS[@]}"; do start_ray_worker "$node" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p" || die "a Ray worker did not start"; done
   wait_ready
   write_state
   print_usage_hint
