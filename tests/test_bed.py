@@ -315,7 +315,12 @@ def test_kill_node_kills_all_of_w1_and_ray_sees_it_dead(bed):
 
 def test_down_leaves_nothing_and_is_idempotent(bed):
     pids = _bed_pids(bed) | bed.pids_seen
+    w2 = set(bed.node_pids("w2"))
+    assert w2
+    (bed.state_dir / "run" / "w2.pid").unlink()  # stale state, as after a killed test: down still finds w2
     down = bed.run("down", timeout=180)
+    assert "node w2: killing leftover processes" in down.stdout, down.stdout
+    assert not [p for p in w2 if is_alive(p)]
     assert down.returncode == 0, down.stdout + down.stderr
     assert not [n for n in _netns() if n.startswith(bed.name + "-")]
     assert not [p for p in pids if is_alive(p)]

@@ -354,14 +354,15 @@ cmd_up() {
   local node
   for node in "${NODES[@]}"; do start_init "$node"; done
   start_postgres
+  start_mlflow  # the slowest to come up (imports, migrations on a fresh database): first
   start_s3
-  node_exec head python "$HERE/bedlib.py" buckets "${BUCKETS[@]}" \
-    || die "could not create the S3 buckets (log: $LOGS/head.moto.log)"
-  start_mlflow
   start_ray_head
-  # The workers join side by side (each `ray start` takes ~10 s on 2 cores).
+  # The workers join side by side (each `ray start` takes 10-30 s on 2 cores), while the buckets
+  # are made.
   local pids=() p
   for node in "${WORKERS[@]}"; do start_ray_worker "$node" & pids+=($!); done
+  node_exec head python "$HERE/bedlib.py" buckets "${BUCKETS[@]}" \
+    || die "could not create the S3 buckets (log: $LOGS/head.moto.log)"
   for p in "${pids[@]}"; do wait "$p" || die "a Ray worker did not start"; done
   wait_ready
   write_state
