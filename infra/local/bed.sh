@@ -84,8 +84,17 @@ need_tools() {  # what `up` starts
   [[ -x "$PG_BIN/initdb" ]] || die "no PostgreSQL server (initdb) in '$PG_BIN': apt-get install postgresql, or set LINREP_PG_BIN"
   id postgres > /dev/null 2>&1 || die "no 'postgres' user to run PostgreSQL as: apt-get install postgresql"
   local real
-  for real in "$(readlink -f "$PY")" "$HERE"; do
-    case "$real" in /tmp/*|/home/*|/srv/*) die "$real is under /tmp, /home or /srv, which each node replaces by its own: use an interpreter and checkout elsewhere" ;; esac
+  for real in $(keep_paths); do
+    case "$real" in /srv/*) die "$real is under /srv, the nodes' shared volume: use an interpreter and checkout elsewhere" ;; esac
+  done
+}
+
+# The checkout and the interpreter's real folder: each node sees them at their own paths, even when
+# they lie under /tmp or /home, which each node replaces by its own (a CI clone in a mktemp folder).
+keep_paths() {
+  local real
+  for real in "$(cd "$HERE/../.." && pwd -P)" "$(dirname "$(readlink -f "$PY")")"; do
+    case "$real" in /tmp/*|/home/*|/srv/*) echo "$real" ;; esac
   done
 }
 
@@ -129,6 +138,12 @@ init_alive() { local p; p="$(init_pid "$1")" && "${LIB[@]}" alive "$p" --expect 
 INIT_SH='set -eu
 hostname "$7"
 mount --bind "$8" /etc/hosts
+for keep in $9; do  # the checkout/interpreter, bound at the same path inside the node folders
+  case "$keep" in
+    /tmp/*) mkdir -p "$2/${keep#/tmp/}"; mount --bind "$keep" "$2/${keep#/tmp/}" ;;
+    /home/*) mkdir -p "$3/${keep#/home/}"; mount --bind "$keep" "$3/${keep#/home/}" ;;
+  esac
+done
 mount --bind "$4" /srv
 mount --bind "$3" /home
 mount --bind "$2" /tmp
@@ -155,7 +170,7 @@ start_init() {  # $1 node
   # --uts: its own hostname.
   setsid ip netns exec "$(ns "$node")" unshare --pid --fork --mount-proc --uts --kill-child \
     bash -c "$INIT_SH" bed-init "$node" "$d/tmp" "$d/home" "$SHARED" "$PY" "$HERE/bedlib.py" \
-      "$(ns "$node")" "$d/hosts" \
+      "$(ns "$node")" "$d/hosts" "$(keep_paths | tr '\n' ' ')" \
     >> "$LOGS/$node.init.log" 2>&1 < /dev/null &
   upid=$!
   pid="$("${LIB[@]}" child-of "$upid")" || die "node $node: its PID namespace did not start (see $LOGS/$node.init.log)"
