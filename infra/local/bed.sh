@@ -140,13 +140,13 @@ hostname "$7"
 mount --bind "$8" /etc/hosts
 for keep in $9; do  # the checkout/interpreter, bound at the same path inside the node folders
   case "$keep" in
-    /tmp/*) mkdir -p "$2/${keep#/tmp/}"; mount --bind "$keep" "$2/${keep#/tmp/}" ;;
-    /home/*) mkdir -p "$3/${keep#/home/}"; mount --bind "$keep" "$3/${keep#/home/}" ;;
+    /tmp/*) mkdir -p "$2/${keep#/tmp/}"; mount --rbind "$keep" "$2/${keep#/tmp/}" ;;
+    /home/*) mkdir -p "$3/${keep#/home/}"; mount --rbind "$keep" "$3/${keep#/home/}" ;;
   esac
 done
 mount --bind "$4" /srv
-mount --bind "$3" /home
-mount --bind "$2" /tmp
+mount --rbind "$3" /home
+mount --rbind "$2" /tmp
 cd /
 exec "$5" "$6" init "$1"'
 
