@@ -79,10 +79,10 @@ def cmd_probe(args) -> int:
         return cli_main(args.rest)
     if args.rest:
         raise UserError(f"unexpected arguments after the run id: {' '.join(args.rest)}")
-    if "/" in args.target or Path(args.target).exists():  # a checkpoint folder: probe it, print
+    if "/" in args.target or Path(args.target).exists():  # a checkpoint folder or URI: probe it, print
         from probes.actor import probe_checkpoint
 
-        step, figures = probe_checkpoint(Path(args.target))
+        step, figures = probe_checkpoint(args.target)  # a local folder or a URI
         print(f"checkpoint {args.target} (step {step}):\n" + format_figures(figures))
         return 0
     from probes.pipeline import reprobe_run
