@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     sw.add_argument("--address", default=None)
     sw.add_argument("--name", default=None, help="sweep name (default: from the spec; reruns resume)")
+    sw.add_argument("--storage", default=None, help="where sweep folders live: a local folder or a URI such as s3://bucket/linrep/sweeps (default: <run.storage or $LINREP_STORAGE>/sweeps)")
     sw.set_defaults(func=cmd_sweep)
 
     rp = sub.add_parser("reproduce", help="the paper's ablations")
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--budget", type=float, default=1.0, help="scale the step budget (e.g. 10 on a cluster)")
     rp.add_argument("--seeds", type=int, default=None)
     rp.add_argument("--address", default=None)
+    rp.add_argument("--storage", default=None, help="where sweep folders live: a local folder or a URI such as s3://bucket/linrep/sweeps (default: <run.storage or $LINREP_STORAGE>/sweeps)")
     rp.set_defaults(func=cmd_reproduce)
 
     b = sub.add_parser("bench", help="benchmarks (identifiability, overhead, streaming, scaling, probes, sweep)")

@@ -118,7 +118,8 @@ class _ProbeActor:
             self.scores[step] = figures[key]
         best = max(self.scores, key=self.scores.get) if self.scores else None
         try:
-            prune_checkpoints(run_dir, cfg.run.keep_checkpoints, best)
+            # checkpoints newer than this one are still queued for their probe: keep them
+            prune_checkpoints(run_dir, cfg.run.keep_checkpoints, best, probed_up_to=step)
         except OSError as err:
             print(f"warning: checkpoint retention failed: {err}", flush=True)
 

@@ -150,19 +150,21 @@ def list_checkpoints(run_dir: Where) -> list:
 PRUNED_MARKER = "PRUNED"
 
 
-def prune_checkpoints(run_dir: Where, keep_last: int, best_step: int | None = None) -> list[int]:
+def prune_checkpoints(run_dir: Where, keep_last: int, best_step: int | None = None,
+                      probed_up_to: int | None = None) -> list[int]:
     """Retention: keep the last `keep_last` complete checkpoints and the best one; empty the others.
 
     A pruned folder keeps only a PRUNED marker: Ray Train's run snapshot still lists it (deleting
     it would make the run unresumable), but it is no longer complete, so it is never resumed from
     or probed. Returns the steps pruned. Works the same on a local folder and a bucket.
+    probed_up_to: checkpoints after this step are still queued for their probe: never pruned.
     """
     ckpts = [locate(p) for p in list_checkpoints(locate(run_dir))]
     steps = [read_meta(p)["step"] for p in ckpts]
     keep = set(steps[-keep_last:]) | ({best_step} if best_step is not None else set())
     pruned = []
     for folder, step in zip(ckpts, steps):
-        if step in keep:
+        if step in keep or (probed_up_to is not None and step > probed_up_to):
             continue
         folder.child(META_FILE).unlink()  # first: the folder stops being complete
         folder.empty_dir()

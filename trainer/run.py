@@ -76,16 +76,20 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
     run_key = cfg.run_name()
     if not cfg.run.resume:
         run_key = f"{run_key}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if storage is None:
-        from_env = os.environ.get("LINREP_STORAGE") if cfg.run.storage == DEFAULT_STORAGE else None
-        storage = from_env or cfg.run.storage
-    run_dir = contained_run_dir(locate(storage), run_key)
+    run_dir = contained_run_dir(locate(storage or storage_root(cfg.run.storage)), run_key)
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_uri(cfg.tracking)
         tracking.check_reachable(uri)
         run_id = tracking.open_run(cfg, uri, run_key, parent_run_id=parent_run_id)
     return RunHandle(cfg, run_key, run_dir, uri, run_id)
+
+
+def storage_root(configured: str) -> str:
+    """run.storage as given, or $LINREP_STORAGE when run.storage was left at its default (a local
+    path or a URI either way; trainer.storage opens it)."""
+    from_env = os.environ.get("LINREP_STORAGE") if configured == DEFAULT_STORAGE else None
+    return from_env or configured
 
 
 def contained_run_dir(storage: Path | str | Location, run_key: str) -> Location:

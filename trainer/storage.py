@@ -118,6 +118,12 @@ class Location:
     def __hash__(self) -> int:
         return hash(str(self))
 
+    def __fspath__(self) -> str:
+        """A local Location is path-like (open(), Path(), os.path work on it); a remote one is not."""
+        if not self.is_local:
+            raise TypeError(f"{self} is not on the local filesystem")
+        return self.path
+
     @property
     def is_local(self) -> bool:
         return self.scheme == ""
@@ -264,6 +270,18 @@ class Location:
             return
         with tempfile.TemporaryDirectory(prefix="linrep-dl-") as tmp:
             yield self.download(Path(tmp) / (self.name or "copy"))
+
+    @contextmanager
+    def staged_writes(self) -> Iterator[Path]:
+        """A local folder to write many files into (plots, tables) that end up in this folder:
+        the folder itself when local, else a temporary folder uploaded on a clean exit."""
+        if self.is_local:
+            Path(self.path).mkdir(parents=True, exist_ok=True)
+            yield Path(self.path)
+            return
+        with tempfile.TemporaryDirectory(prefix="linrep-up-") as tmp:
+            yield Path(tmp)
+            self.upload(tmp)
 
     # ---- handing it to Ray -----------------------------------------------------------------
     def ray_storage(self) -> dict[str, Any]:
