@@ -240,3 +240,44 @@ def test_shards_from_a_bucket_stream_the_same_samples_and_are_verified(bucket, t
     (remote_root / ".verified.json").unlink()
     with pytest.raises(RuntimeFault, match=f"shard s3://.*/{first}: sha256 does not match"):
         verified(load_manifest(str(remote_root)), "train")
+
+
+# ---- sweeps: where their folder lives ------------------------------------------------------
+def _entrypoint_plan(entrypoint: str, storage: str | None = None):
+    import shlex
+
+    from tune.spec import build_plan, load_spec
+
+    argv = shlex.split(entrypoint)
+    assert argv[:2] == ["linrep", "sweep"]
+    spec, text, path = load_spec(argv[2])
+    return build_plan(spec, spec_text=text, where=str(path), cli_overrides=argv[3:], storage=storage)
+
+
+def test_the_shipped_rayjob_sweep_command_plans_under_its_run_storage(tmp_path):
+    """infra/k8s/rayjob-sweep.yaml passes run.storage=...: it sets the sweep's root."""
+    import yaml
+
+    from tests.conftest import REPO
+    from tune.spec import trial_config
+
+    job = yaml.safe_load((REPO / "infra" / "k8s" / "rayjob-sweep.yaml").read_text())
+    plan = _entrypoint_plan(job["spec"]["entrypoint"])
+    assert str(plan.sweep_dir) == f"/mnt/shared/ray_results/sweeps/{plan.name}"
+    assert all("run.storage" not in t.overrides for t in plan.trials)
+    trial = plan.trials[0]
+    assert trial_config(trial, plan.sweep_dir / "runs").run.storage == f"{plan.sweep_dir}/runs"
+
+
+def test_sweep_root_from_storage_flag_override_and_env(s3_server, monkeypatch, tmp_path):
+    from tune.spec import SweepPlan, sweep_root
+
+    assert sweep_root("s3://b/sweeps", "/x", None, "./ray_results") == "s3://b/sweeps"
+    assert sweep_root(None, "s3://b/ray_results", "/spec", "./ray_results") == "s3://b/ray_results/sweeps"
+    assert sweep_root(None, None, None, "s3://b/r") == "s3://b/r/sweeps"
+    monkeypatch.setenv("LINREP_STORAGE", "s3://b/shared")
+    assert sweep_root(None, None, None, "./ray_results") == "s3://b/shared/sweeps"
+    assert str(SweepPlan(name="n", trials=[], swept=[], storage="s3://b/shared/sweeps").sweep_dir) == \
+        "s3://b/shared/sweeps/n"
+    with pytest.raises(UserError, match="cannot be opened"):
+        sweep_root("nosuch://x", None, None, "./ray_results")
