@@ -281,3 +281,42 @@ def test_sweep_root_from_storage_flag_override_and_env(s3_server, monkeypatch, t
         "s3://b/shared/sweeps/n"
     with pytest.raises(UserError, match="cannot be opened"):
         sweep_root("nosuch://x", None, None, "./ray_results")
+
+
+def test_tiny_sweep_with_its_folder_in_a_bucket(bucket, tmp_path):
+    """linrep sweep SPEC --storage s3://...: ledger, plan, state, Tune's state, each trial's
+    checkpoints and the summary all land in the bucket; nothing under ./ray_results."""
+    import json
+
+    import yaml
+
+    from tests.conftest import run_linrep
+    from trainer.checkpoint import list_checkpoints, read_meta
+    from tune.folder import PLAN_FILE, STATE_FILE, TrialLedger
+
+    spec = {"name": "s3sweep", "base": "synthetic-supervised", "classes": [10, 20], "seeds": 1, "max_concurrent": 2,
+            "overrides": {"optim.steps": 100, "optim.warmup_steps": 5, "run.checkpoint_every": 50,
+                          "run.log_every": 50, "model.hidden": [16], "data.generator_pool": 500,
+                          "probe.samples": 512}}
+    (tmp_path / "s3sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = run_linrep(["sweep", str(tmp_path / "s3sweep.yaml"), "--storage", f"{bucket}/sweeps"], cwd=tmp_path,
+                     timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    folder = locate(bucket) / "sweeps" / "s3sweep"
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    assert json.loads((folder / STATE_FILE).read_text())["trials"] == 2
+    for trial in plan["trials"]:
+        assert TrialLedger(folder, trial["key"]).status == "finished"
+        assert [read_meta(c)["step"] for c in list_checkpoints(folder / "runs" / trial["key"])][-1] == 100
+    assert (folder / "summary" / "summary.csv").read_text().count("\n") == 3
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "s3:").exists()
+
+
+def test_a_missing_bucket_ends_the_command_in_one_line_before_anything_starts(s3_server, tmp_path):
+    from tests.conftest import run_linrep
+
+    out = run_linrep(["train", "synthetic-supervised", "run.storage=s3://no-such-bucket/ray_results"],
+                     cwd=tmp_path, timeout=300)
+    assert out.returncode == 2, (out.stdout + out.stderr)[-2000:]
+    (line,) = [l for l in out.stderr.splitlines() if "no-such-bucket" in l]
+    assert "bucket s3://no-such-bucket does not exist" in line

@@ -77,6 +77,7 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
     if not cfg.run.resume:
         run_key = f"{run_key}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = contained_run_dir(locate(storage or storage_root(cfg.run.storage)), run_key)
+    run_dir.check_reachable()  # before the MLflow run opens: a missing bucket leaves nothing RUNNING
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_uri(cfg.tracking)

@@ -113,7 +113,11 @@ class Location:
         return f"Location({str(self)!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Location) and str(self) == str(other)
+        if isinstance(other, Location):
+            return str(self) == str(other)
+        if isinstance(other, os.PathLike) and self.is_local:  # a local Location equals its Path
+            return self.path == os.fspath(other)
+        return NotImplemented
 
     def __hash__(self) -> int:
         return hash(str(self))
@@ -181,6 +185,21 @@ class Location:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
         base = self.path.rstrip("/") + "/"
         return {_norm(i.path, self)[len(base):]: i.size for i in infos if i.type == pafs.FileType.File}
+
+    def check_reachable(self) -> None:
+        """Fail in one line, before anything starts, when the storage does not answer or (on an
+        object store) its bucket is missing: one request, instead of a Ray error deep in a run."""
+        if self.is_local:
+            return
+        bucket = Location(self.fs, self.path.split("/", 1)[0], self.scheme)
+        try:
+            kind = bucket.info().type
+        except OSError as err:
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else err.__class__.__name__
+            raise UserError(f"storage {self} cannot be reached ({first}); check the AWS_* environment "
+                            "(credentials, AWS_ENDPOINT_URL_S3, AWS_DEFAULT_REGION)") from None
+        if kind == pafs.FileType.NotFound and self.scheme in ("s3", "gs", "gcs"):
+            raise UserError(f"storage {self}: bucket {bucket} does not exist or these credentials cannot see it")
 
     # ---- reads -----------------------------------------------------------------------------
     def read_bytes(self) -> bytes:

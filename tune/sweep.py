@@ -397,6 +397,7 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     from trainer.run import check_ray_address, init_ray
 
     check_ray_address(address)  # before the parent run opens: a bad address leaves nothing RUNNING
+    plan.sweep_dir.check_reachable()
     uri = resolve_tracking_uri(plan)
     tracking.check_reachable(uri)
     if plan.asha:
