@@ -11,6 +11,7 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -102,13 +103,18 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_classifier(directory: Where, device: str | torch.device = "cpu") -> tuple[Classifier, Config, dict]:
     """Rebuild the classifier from the checkpoint alone (config + meta + weights), in eval mode.
 
-    A checkpoint on remote storage is downloaded to a temporary folder first (torch.load needs a
-    local file); the weights are in memory before the folder goes."""
+    A checkpoint on remote storage is copied to a temporary folder first (torch.load needs a local
+    file): only the three files the model needs, not the optimizer state or DeepSpeed shards; the
+    weights are in memory before the folder goes."""
     where = locate(directory)
     if not where.is_local:
         if not where.is_dir():
             raise UserError(f"checkpoint {where} is not a directory")
-        with where.local_copy() as local:
+        with tempfile.TemporaryDirectory(prefix="linrep-probe-") as tmp:
+            try:
+                local = where.download_files([META_FILE, CONFIG_FILE, MODEL_FILE], tmp)
+            except FileNotFoundError as err:
+                raise UserError(f"checkpoint {where}: {Path(str(err)).name} is missing") from None
             return load_classifier(local, device)
     directory = where.local_path
     if not directory.is_dir():

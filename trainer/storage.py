@@ -273,6 +273,15 @@ class Location:
         pafs.copy_files(self.path, str(local_dir), source_filesystem=self.fs, destination_filesystem=_local_fs())
         return local_dir
 
+    def download_files(self, names: list[str], local_dir: Path | str) -> Path:
+        """Copy only the named files of this folder into `local_dir` (created); returns it."""
+        local_dir = Path(local_dir)
+        for name in names:
+            target = local_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.child(name).read_bytes())
+        return local_dir
+
     def upload(self, local_dir: Path | str) -> None:
         """Copy the local folder `local_dir` into this folder."""
         if self.is_local:
