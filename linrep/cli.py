@@ -79,10 +79,10 @@ def cmd_probe(args) -> int:
         return cli_main(args.rest)
     if args.rest:
         raise UserError(f"unexpected arguments after the run id: {' '.join(args.rest)}")
-    if "/" in args.target or Path(args.target).exists():  # a checkpoint folder: probe it, print
+    if "/" in args.target or Path(args.target).exists():  # a checkpoint folder or URI: probe it, print
         from probes.actor import probe_checkpoint
 
-        step, figures = probe_checkpoint(Path(args.target))
+        step, figures = probe_checkpoint(args.target)  # a local folder or a URI
         print(f"checkpoint {args.target} (step {step}):\n" + format_figures(figures))
         return 0
     from probes.pipeline import reprobe_run
@@ -217,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     sw.add_argument("--address", default=None)
     sw.add_argument("--name", default=None, help="sweep name (default: from the spec; reruns resume)")
+    sw.add_argument("--storage", default=None, help="where sweep folders live: a local folder or a URI such as s3://bucket/linrep/sweeps (default: <run.storage or $LINREP_STORAGE>/sweeps)")
     sw.set_defaults(func=cmd_sweep)
 
     rp = sub.add_parser("reproduce", help="the paper's ablations")
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--budget", type=float, default=1.0, help="scale the step budget (e.g. 10 on a cluster)")
     rp.add_argument("--seeds", type=int, default=None)
     rp.add_argument("--address", default=None)
+    rp.add_argument("--storage", default=None, help="where sweep folders live: a local folder or a URI such as s3://bucket/linrep/sweeps (default: <run.storage or $LINREP_STORAGE>/sweeps)")
     rp.set_defaults(func=cmd_reproduce)
 
     b = sub.add_parser("bench", help="benchmarks (identifiability, overhead, streaming, scaling, probes, sweep)")

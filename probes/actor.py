@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from trainer.checkpoint import load_classifier
 from trainer.config import Config
+from trainer.storage import Location, locate
 
 _PROBES: dict[str, Callable[..., dict[str, float]]] = {}
 # The figure that ranks checkpoints for retention (higher is better).
@@ -60,9 +61,10 @@ def _imagenet(model, cfg: Config, meta: dict, state: dict) -> dict[str, float]:
     return checkpoint_probe(model, cfg, state)
 
 
-def probe_checkpoint(path: str | Path, state: dict | None = None, device: str = "cpu", with_config: bool = False):
-    """(step, figures) of one checkpoint directory (+ its config with with_config)."""
-    model, cfg, meta = load_classifier(Path(path), device)
+def probe_checkpoint(path: str | Path | Location, state: dict | None = None, device: str = "cpu", with_config: bool = False):
+    """(step, figures) of one checkpoint folder: a local path or a URI (downloaded to this node's
+    temporary folder first) (+ its config with with_config)."""
+    model, cfg, meta = load_classifier(path, device)
     figures = _PROBES[probe_family(cfg)](model, cfg, meta, state if state is not None else {})
     return (meta["step"], figures, cfg) if with_config else (meta["step"], figures)
 
@@ -104,10 +106,10 @@ class _ProbeActor:
             self._log_artifacts(step)
         self.results[step] = figures
         self._latest = {**figures, "step": step}
-        self._retain(Path(path).parent, cfg, step, figures)
+        self._retain(locate(path).parent, cfg, step, figures)
         return figures
 
-    def _retain(self, run_dir: Path, cfg: Config, step: int, figures: dict[str, float]) -> None:
+    def _retain(self, run_dir: Location, cfg: Config, step: int, figures: dict[str, float]) -> None:
         """Keep the last run.keep_checkpoints checkpoints plus the best by the family's probe metric."""
         from trainer.checkpoint import prune_checkpoints
 
@@ -116,7 +118,8 @@ class _ProbeActor:
             self.scores[step] = figures[key]
         best = max(self.scores, key=self.scores.get) if self.scores else None
         try:
-            prune_checkpoints(run_dir, cfg.run.keep_checkpoints, best)
+            # checkpoints newer than this one are still queued for their probe: keep them
+            prune_checkpoints(run_dir, cfg.run.keep_checkpoints, best, probed_up_to=step)
         except OSError as err:
             print(f"warning: checkpoint retention failed: {err}", flush=True)
 

@@ -14,6 +14,7 @@ from trainer.config import Config
 from trainer.errors import RuntimeFault, UserError
 from trainer.run import (RunHandle, check_cluster, check_files_and_store, check_ray_address, fit, init_ray,
                          prepare_run)
+from trainer.storage import Location, locate
 
 RUN_DIR_TAG = "linrep.run_dir"
 PROBED_KEY = "probe/seconds"  # every probe family logs it
@@ -24,7 +25,7 @@ class Outcome:
     run_key: str
     run_id: str | None
     tracking_uri: str | None
-    run_dir: Path
+    run_dir: Location                  # local folder or URI
     final: dict[str, float]            # the last checkpoint's probe figures (+ last train loss)
     history: dict[int, dict[str, float]]
 
@@ -88,8 +89,6 @@ def root_cause(error: str) -> str:
 
 def queue_unprobed(handle: RunHandle, actor) -> list[int]:
     """On resume: probe the checkpoints a killed driver left unprobed (training goes on meanwhile)."""
-    if not handle.run_dir.is_dir():
-        return []
     probed = set()
     if handle.run_id:
         probed = {step for step, _ in tracking.metric_history(handle.tracking_uri, handle.run_id, PROBED_KEY)}
@@ -102,12 +101,15 @@ def queue_unprobed(handle: RunHandle, actor) -> list[int]:
     return queued
 
 
-def find_run_dir(run_id: str, tracking_uri: str) -> Path:
-    """The checkpoint folder of a run, from its tag (UserError when the run or the folder is missing)."""
-    run_dir = tracking.get_run(tracking_uri, run_id).tags.get(RUN_DIR_TAG)
-    if not run_dir or not Path(run_dir).is_dir():
-        raise UserError(f"MLflow run {run_id}: its checkpoint folder ({run_dir or 'unknown'}) is not on this machine")
-    return Path(run_dir)
+def find_run_dir(run_id: str, tracking_uri: str) -> Location:
+    """The checkpoint folder of a run (a local folder or a URI), from its tag (UserError when the
+    run or the folder is missing)."""
+    tagged = tracking.get_run(tracking_uri, run_id).tags.get(RUN_DIR_TAG)
+    run_dir = locate(tagged) if tagged else None
+    if run_dir is None or not run_dir.is_dir():
+        raise UserError(f"MLflow run {run_id}: its checkpoint folder ({tagged or 'unknown'}) is not reachable "
+                        "from this machine (a local folder elsewhere, or storage credentials missing from the env)")
+    return run_dir
 
 
 def reprobe_run(run_id: str, tracking_uri: str, log: bool = True, progress: Any = print) -> dict[int, dict[str, float]]:

@@ -259,16 +259,9 @@ def shipped_commands() -> list[tuple[str, str]]:
     return out
 
 
-# The storage engineer's branch (G) gives sweeps `--storage`/run.storage; until it lands the
-# RayJob's entrypoint is refused (run.storage is set per trial in a sweep).
-NEEDS_STORAGE_URIS = {"infra/k8s/rayjob-sweep.yaml:entrypoint"}
-
-
 def _cases():
     for where, cmd in shipped_commands():
-        marks = [pytest.mark.xfail(strict=True, reason="needs storage URIs for sweeps (branch G)")] \
-            if where in NEEDS_STORAGE_URIS else []
-        yield pytest.param(where, cmd, marks=marks, id=f"{where}: {cmd[:60]}")
+        yield pytest.param(where, cmd, id=f"{where}: {cmd[:60]}")
 
 
 def test_the_extraction_finds_the_shipped_commands():

@@ -11,6 +11,7 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ from trainer.engine import MODEL_FILE, world_rank
 from trainer.errors import UserError
 from trainer.files import write_json_atomic
 from trainer.models import Classifier, InputSpec, build_classifier
+from trainer.storage import Location, locate
+
+Where = Path | str | Location  # a checkpoint folder: a local path, a URI or a Location
 
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
@@ -41,22 +45,26 @@ def write_checkpoint(engine, cfg: Config, meta: dict[str, Any], directory: Path)
         write_json_atomic(directory / META_FILE, {**meta, "files": files})
 
 
-def is_complete(directory: Path) -> bool:
-    """meta.json present and every file it lists present with its recorded size."""
-    d = Path(directory)
-    if not ((d / META_FILE).is_file() and (d / MODEL_FILE).is_file() and (d / CONFIG_FILE).is_file()):
+def is_complete(directory: Where) -> bool:
+    """meta.json present and every file it lists present with its recorded size (one listing of
+    the folder, so it costs a single request on an object store)."""
+    d = locate(directory)
+    try:
+        present = d.files()
+    except OSError:
+        return False
+    if not {META_FILE, MODEL_FILE, CONFIG_FILE} <= present.keys():
         return False
     try:
-        files = json.loads((d / META_FILE).read_text()).get("files", {})
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        files = json.loads(d.child(META_FILE).read_text()).get("files", {})
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError, AttributeError):
         return False
-    return all((d / name).is_file() and (d / name).stat().st_size == size for name, size in files.items())
+    return all(present.get(name) == size for name, size in files.items())
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
+def read_meta(directory: Where) -> dict[str, Any]:
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(locate(directory).child(META_FILE).read_text())
     except FileNotFoundError:
         raise UserError(f"checkpoint {directory}: no {META_FILE} (incomplete or not a linrep checkpoint)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -66,10 +74,9 @@ def read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def read_config(directory: Path) -> Config:
-    path = Path(directory) / CONFIG_FILE
+def read_config(directory: Where) -> Config:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(locate(directory).child(CONFIG_FILE).read_text())
         return from_dict(raw)
     except FileNotFoundError:
         raise UserError(f"checkpoint {directory}: no {CONFIG_FILE}") from None
@@ -93,9 +100,23 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tuple[Classifier, Config, dict]:
-    """Rebuild the classifier from the checkpoint alone (config + meta + weights), in eval mode."""
-    directory = Path(directory)
+def load_classifier(directory: Where, device: str | torch.device = "cpu") -> tuple[Classifier, Config, dict]:
+    """Rebuild the classifier from the checkpoint alone (config + meta + weights), in eval mode.
+
+    A checkpoint on remote storage is copied to a temporary folder first (torch.load needs a local
+    file): only the three files the model needs, not the optimizer state or DeepSpeed shards; the
+    weights are in memory before the folder goes."""
+    where = locate(directory)
+    if not where.is_local:
+        if not where.is_dir():
+            raise UserError(f"checkpoint {where} is not a directory")
+        with tempfile.TemporaryDirectory(prefix="linrep-probe-") as tmp:
+            try:
+                local = where.download_files([META_FILE, CONFIG_FILE, MODEL_FILE], tmp)
+            except FileNotFoundError as err:
+                raise UserError(f"checkpoint {where}: {Path(str(err)).name} is missing") from None
+            return load_classifier(local, device)
+    directory = where.local_path
     if not directory.is_dir():
         raise UserError(f"checkpoint {directory} is not a directory")
     meta = read_meta(directory)
@@ -111,7 +132,7 @@ def load_classifier(directory: Path, device: str | torch.device = "cpu") -> tupl
     return model.to(device).eval(), cfg, meta
 
 
-def load_encoder(directory: Path, device: str | torch.device = "cpu"):
+def load_encoder(directory: Where, device: str | torch.device = "cpu"):
     """(encoder f, config): the features a probe decodes."""
     model, cfg, _ = load_classifier(directory, device)
     return model.encoder, cfg
@@ -122,35 +143,37 @@ def make_meta(step: int, samples_seen: int, num_outputs: int, spec: InputSpec, *
             "input_spec": asdict(spec), **extra}
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a Ray Train run folder, by step."""
-    found = [p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: read_meta(p)["step"])
+def list_checkpoints(run_dir: Where) -> list:
+    """Complete checkpoints of a Ray Train run folder, by step: Paths for a local folder given as
+    a path (as always), Locations for a Location or a URI."""
+    where = locate(run_dir)
+    found = [d for d in where.subdirs("checkpoint_") if is_complete(d)]
+    found = sorted(((read_meta(d)["step"], d) for d in found), key=lambda pair: pair[0])
+    as_paths = where.is_local and not isinstance(run_dir, Location)
+    return [d.local_path if as_paths else d for _, d in found]
 
 
 PRUNED_MARKER = "PRUNED"
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None = None) -> list[int]:
+def prune_checkpoints(run_dir: Where, keep_last: int, best_step: int | None = None,
+                      probed_up_to: int | None = None) -> list[int]:
     """Retention: keep the last `keep_last` complete checkpoints and the best one; empty the others.
 
     A pruned folder keeps only a PRUNED marker: Ray Train's run snapshot still lists it (deleting
     it would make the run unresumable), but it is no longer complete, so it is never resumed from
-    or probed. Returns the steps pruned.
+    or probed. Returns the steps pruned. Works the same on a local folder and a bucket.
+    probed_up_to: checkpoints after this step are still queued for their probe: never pruned.
     """
-    ckpts = list_checkpoints(run_dir)
+    ckpts = [locate(p) for p in list_checkpoints(locate(run_dir))]
     steps = [read_meta(p)["step"] for p in ckpts]
     keep = set(steps[-keep_last:]) | ({best_step} if best_step is not None else set())
     pruned = []
-    for path, step in zip(ckpts, steps):
-        if step in keep:
+    for folder, step in zip(ckpts, steps):
+        if step in keep or (probed_up_to is not None and step > probed_up_to):
             continue
-        (path / META_FILE).unlink(missing_ok=True)  # first: the folder stops being complete
-        for child in sorted(path.rglob("*"), reverse=True):
-            if child.is_file() or child.is_symlink():
-                child.unlink()
-            elif child.is_dir():
-                child.rmdir()
-        (path / PRUNED_MARKER).write_text(f"pruned by linrep retention (step {step})\n")
+        folder.child(META_FILE).unlink()  # first: the folder stops being complete
+        folder.empty_dir()
+        folder.child(PRUNED_MARKER).write_text(f"pruned by linrep retention (step {step})\n")
         pruned.append(step)
     return pruned

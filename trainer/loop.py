@@ -24,6 +24,7 @@ from trainer.config import Config, from_dict
 from trainer.data.sources import TrainData, create_train_data
 from trainer.engine import rank0_decides, setup_engine
 from trainer.models import build_classifier
+from trainer.storage import Location, locate
 from trainer.tracking import MetricLogger
 
 
@@ -31,7 +32,7 @@ from trainer.tracking import MetricLogger
 class LoopContext:
     """What the driver hands every worker besides the config."""
 
-    run_dir: str                 # absolute storage folder of this run (checkpoint_* live here)
+    run_dir: str                 # this run's storage folder: absolute path or URI (checkpoint_* live here)
     tracking_uri: str | None     # None: no MLflow logging
     run_id: str | None
     probe_actor: Any = None      # a Ray actor handle with .probe.remote(path, step), or None
@@ -53,19 +54,21 @@ def train_step(engine, x: torch.Tensor, y: torch.Tensor, label_smoothing: float)
     return loss.detach(), acc
 
 
-def restore(engine, run_dir: Path) -> int:
+def restore(engine, run_dir: str | Path | Location) -> int:
     """Load the newest complete checkpoint; return its step (0 for a fresh run).
 
-    The run folder is scanned first: a driver killed right after a checkpoint was persisted may not
-    have recorded it in Ray's snapshot, and an incomplete folder (crash mid-save) is never taken.
-    Ray's own latest checkpoint is the fallback (remote storage that is not a local folder).
+    The run folder (local or a URI) is scanned first: a driver killed right after a checkpoint
+    was persisted may not have recorded it in Ray's snapshot, and an incomplete folder (crash
+    mid-save, or a pruned one) is never taken. A remote checkpoint is downloaded to a local
+    temporary folder and loaded from there. Ray's own latest checkpoint is the fallback.
     """
     import ray.train
 
-    complete = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    complete = list_checkpoints(locate(run_dir))
     if complete:
-        engine.load(complete[-1])
-        return read_meta(complete[-1])["step"]
+        with complete[-1].local_copy() as local:
+            engine.load(local)
+            return read_meta(local)["step"]
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -95,7 +98,7 @@ def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: di
                          checkpoint_dir_name=checkpoint_dir_name(step))
     nth = step // cfg.run.checkpoint_every
     if rank == 0 and ctx.probe_actor is not None and (nth % cfg.probe.every == 0 or step == cfg.optim.steps):
-        ctx.probe_actor.probe.remote(str(Path(ctx.run_dir) / checkpoint_dir_name(step)), step)
+        ctx.probe_actor.probe.remote(str(locate(ctx.run_dir) / checkpoint_dir_name(step)), step)
 
 
 class Progress:
@@ -220,7 +223,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         device = torch.device("cpu")
         torch.set_num_threads(cfg.run.threads_per_worker or max(1, round(cfg.run.cpus_per_worker)))
     data, engine = build_worker(cfg, rank, world, device)
-    start_step = restore(engine, Path(ctx.run_dir))
+    start_step = restore(engine, ctx.run_dir)
     logger = None
     if rank == 0 and ctx.tracking_uri and ctx.run_id:
         logger = MetricLogger(ctx.tracking_uri, ctx.run_id)

@@ -21,6 +21,7 @@ from trainer import cluster
 from trainer.config import Config, RunConfig
 from trainer.errors import UserError
 from trainer.loop import LoopContext, train_loop_per_worker
+from trainer.storage import Location, contained, locate
 from trainer import tracking
 from trainer.ray_private import use_single_machine_mode
 
@@ -35,7 +36,7 @@ LOOPBACK = "127.0.0.1"  # a local Ray's node address: nothing it starts listens 
 class RunHandle:
     cfg: Config
     run_key: str
-    run_dir: Path
+    run_dir: Location            # local folder or URI (trainer.storage); str() is what users see
     tracking_uri: str | None
     run_id: str | None
 
@@ -57,7 +58,7 @@ def preflight(cfg: Config) -> None:
     from trainer.data.labels import create_label_scheme
     from trainer.data.shards import load_manifest
 
-    manifest = load_manifest(Path(cfg.data.root))
+    manifest = load_manifest(cfg.data.root)
     create_label_scheme(cfg.data, manifest, cfg.data_seed)
     if "val" not in manifest.splits:
         raise UserError(f"data.root={cfg.data.root}: the manifest has no 'val' split for probes and val/acc")
@@ -83,11 +84,8 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
     run_key = cfg.run_name()
     if not cfg.run.resume:
         run_key = f"{run_key}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if storage is None:
-        from_env = os.environ.get("LINREP_STORAGE") if cfg.run.storage == DEFAULT_STORAGE else None
-        storage = from_env or cfg.run.storage
-    storage_path = Path(storage).expanduser().resolve()
-    run_dir = contained_run_dir(storage_path, run_key)
+    run_dir = contained_run_dir(locate(storage or storage_root(cfg.run.storage)), run_key)
+    run_dir.check_reachable()  # before the MLflow run opens: a missing bucket leaves nothing RUNNING
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = tracking_uri or tracking.resolve_uri(cfg.tracking)
@@ -96,17 +94,20 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
     return RunHandle(cfg, run_key, run_dir, uri, run_id)
 
 
-def contained_run_dir(storage: Path, run_key: str) -> Path:
-    """storage/run_key, refused unless it lies inside `storage`.
+def storage_root(configured: str) -> str:
+    """run.storage as given, or $LINREP_STORAGE when run.storage was left at its default (a local
+    path or a URI either way; trainer.storage opens it)."""
+    from_env = os.environ.get("LINREP_STORAGE") if configured == DEFAULT_STORAGE else None
+    return from_env or configured
+
+
+def contained_run_dir(storage: Path | str | Location, run_key: str) -> Location:
+    """storage/run_key, refused unless it lies inside `storage` (a local folder or a URI).
 
     The config already restricts run.name to safe characters; this is the second line of defence
     (a name that reached here another way must not put a run folder, or Ray Train's deletions,
     outside the storage folder)."""
-    run_dir = (storage / run_key).resolve()
-    if run_dir == storage or not run_dir.is_relative_to(storage):
-        raise UserError(f"run.name={run_key!r} would put the run folder outside run.storage={storage}; "
-                        "use letters, digits and . _ - only")
-    return storage / run_key
+    return contained(locate(storage), run_key, what="run.name", where="run.storage")
 
 
 def check_files_and_store(cfg: Config) -> None:
@@ -216,7 +217,7 @@ def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | N
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=handle.run_key,
-            storage_path=str(handle.run_dir.parent),
+            **handle.run_dir.parent.ray_storage(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             callbacks=callbacks or None,

@@ -7,8 +7,9 @@
   trials/<key>.stop     exists while Tune stops the trial (scheduler decision, driver interrupt)
   trials/<key>.stopped  the scheduler ended the trial early (written by the driver)
 
-Every file is written atomically (trainer.files): a driver killed mid-write leaves the old file or
-the new one, and a rerun of the same command reads it back to resume. Both the driver (tune.sweep)
+The folder is a local path or a URI (s3://...): every file goes through trainer.storage and is
+written atomically (a local temp file + rename, or one object PUT): a driver killed mid-write
+leaves the old file or the new one, and a rerun of the same command reads it back to resume. Both the driver (tune.sweep)
 and the summary (tune.summary) read the folder through this module; it imports neither.
 """
 
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.files import write_json_atomic, write_text_atomic
+from trainer.storage import Location, locate
+
+Folder = Path | str | Location  # a sweep folder: a local path, a URI or a Location
 
 STATE_FILE = "linrep_sweep.json"
 PLAN_FILE = "plan.json"
@@ -29,10 +32,10 @@ TRIALS_DIR = "trials"
 TERMINAL = ("finished", "stopped")  # a trial in one of these states is never run again
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Folder) -> dict[str, Any] | None:
     """A JSON object from `path`; None when the file is missing, UserError when it is damaged."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(locate(path).read_text())
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):
@@ -42,24 +45,25 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def read_state(sweep_dir: Path) -> dict[str, Any] | None:
+def read_state(sweep_dir: Folder) -> dict[str, Any] | None:
     """The sweep's state file, or None for a sweep never started in this folder."""
-    return read_json(Path(sweep_dir) / STATE_FILE)
+    return read_json(locate(sweep_dir) / STATE_FILE)
 
 
-def write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
-    write_json_atomic(Path(sweep_dir) / STATE_FILE, state)
+def write_state(sweep_dir: Folder, state: dict[str, Any]) -> None:
+    (locate(sweep_dir) / STATE_FILE).write_json(state)
 
 
-def write_plan(sweep_dir: Path, plan_json: str) -> None:
-    write_text_atomic(Path(sweep_dir) / PLAN_FILE, plan_json)
+def write_plan(sweep_dir: Folder, plan_json: str) -> None:
+    (locate(sweep_dir) / PLAN_FILE).write_text(plan_json)
 
 
 class TrialLedger:
     """trials/<key>.json: the attempts of one trial and its end, written atomically by the trial."""
 
-    def __init__(self, sweep_dir: Path | str, key: str):
-        self.path = Path(sweep_dir) / TRIALS_DIR / f"{key}.json"
+    def __init__(self, sweep_dir: Folder, key: str):
+        self.folder = locate(sweep_dir) / TRIALS_DIR
+        self.path = self.folder / f"{key}.json"
         self.key = key
 
     def read(self) -> dict[str, Any]:
@@ -72,9 +76,9 @@ class TrialLedger:
         return d
 
     @property
-    def stopped_marker(self) -> Path:
+    def stopped_marker(self) -> Location:
         """Written by the driver when the scheduler ended the trial early (its own file: no races)."""
-        return self.path.with_suffix(".stopped")
+        return self.folder / f"{self.key}.stopped"
 
     def mark_stopped(self) -> None:
         self.stopped_marker.touch()
@@ -87,8 +91,7 @@ class TrialLedger:
         d = self.read()
         attempts = d.get("attempts", [])
         attempts.append({"start": time.time(), "pid": os.getpid(), "resume_step": resume_step})
-        write_json_atomic(self.path, {**d, "key": self.key, "run_id": run_id, "status": "running",
-                                      "attempts": attempts})
+        self.path.write_json({**d, "key": self.key, "run_id": run_id, "status": "running", "attempts": attempts})
 
     def end(self, status: str, **extra: Any) -> None:
         """Close the current attempt; a terminal status the driver already set (stopped) is kept."""
@@ -99,15 +102,15 @@ class TrialLedger:
         if attempts:
             attempts[-1]["end"] = time.time()
             attempts[-1]["status"] = status
-        write_json_atomic(self.path, {**d, "key": self.key, "status": status, "attempts": attempts, **extra})
+        self.path.write_json({**d, "key": self.key, "status": status, "attempts": attempts, **extra})
 
     @property
-    def stop_flag(self) -> Path:
+    def stop_flag(self) -> Location:
         """Exists while Tune wants this trial stopped (scheduler decision or driver interrupt)."""
-        return self.path.with_suffix(".stop")
+        return self.folder / f"{self.key}.stop"
 
 
-def ledger_counts(sweep_dir: Path, keys: list[str]) -> dict[str, int]:
+def ledger_counts(sweep_dir: Folder, keys: list[str]) -> dict[str, int]:
     """How many of the trials `keys` are in each status (pending: no ledger yet)."""
     counts: dict[str, int] = {}
     for key in keys:

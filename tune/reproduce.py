@@ -30,7 +30,7 @@ from typing import Any
 
 from trainer.config import ConfigError
 from trainer.errors import UserError
-from tune.spec import SweepPlan, Trial, trial_config
+from tune.spec import SweepPlan, Trial, sweep_root, trial_config
 from tune.summary import Summary, pm
 
 ARMS = {"supervised": "synthetic-supervised", "diet": "synthetic-diet"}
@@ -137,9 +137,7 @@ def build_reproduce_plan(*, quick: bool = False, budget: float = 1.0, seeds: int
             cfg = trial_config(t)
         except ConfigError as err:
             raise UserError(f"reproduce: setting {t.group}: {err}") from None
-    from pathlib import Path
-
-    root = Path(storage or Path(cfg.run.storage) / "sweeps").expanduser().resolve()
+    root = sweep_root(storage, None, None, cfg.run.storage)
     spec_text = (f"# linrep reproduce synthetic{' --quick' if quick else ''} --budget {budget:g} --seeds {seeds}\n"
                  + "\n".join(f"{t.key}: {t.base} {t.overrides}" for t in trials) + "\n")
     return SweepPlan(name=name, trials=trials, swept=AXES, metric="probe/r2_affine", mode="max",
@@ -206,7 +204,8 @@ def reproduce_cli(args) -> int:
 
     if getattr(args, "arm", "synthetic") != "synthetic":
         raise UserError(f"reproduce {args.arm}: only 'synthetic' exists")
-    plan = build_reproduce_plan(quick=bool(args.quick), budget=float(args.budget), seeds=args.seeds)
+    plan = build_reproduce_plan(quick=bool(args.quick), budget=float(args.budget), seeds=args.seeds,
+                                storage=getattr(args, "storage", None))
     outcome = run_sweep(plan, address=getattr(args, "address", None),
                         extra_tables=lambda summary: {"paper_table.md": paper_table(summary)})
     print(f"\nreproduce: {outcome.counts.get('finished', 0)}/{len(plan.trials)} trials finished; "

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainer.config import Config, ConfigError, config_field, load_raw, parse_override, resolve
 from trainer.errors import UserError
+from trainer.storage import Location, locate
 
 SPEC_DIR = Path(__file__).parent / "specs"
 SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -65,8 +66,11 @@ ABBREVIATIONS = {
     "data.num_classes": "C", "data.kappa": "k", "model.temperature": "b", "model.learn_temperature": "lb",
     "data.dim": "d", "data.num_instances": "N", "optim.lr": "lr", "optim.steps": "T",
 }
-# Keys the sweep itself controls: trial names, storage and resume are per trial; seeds via `seeds`.
-RESERVED = ("run.name", "run.storage", "run.resume", "run.seed")
+# Keys the sweep itself controls: trial names and resume are per trial; seeds via `seeds`.
+RESERVED = ("run.name", "run.resume", "run.seed")
+# Per sweep, never swept: run.storage=... (an override) is the storage root the sweep folder lives
+# under (<run.storage>/sweeps/<name>); each trial's run.storage is then set to <sweep folder>/runs.
+PER_SWEEP = ("run.storage",)
 RESOURCE_KEYS = {"workers": "run.workers", "cpus_per_worker": "run.cpus_per_worker", "use_gpu": "run.use_gpu"}
 METRIC_PREFIXES = ("probe/", "train/")
 
@@ -251,13 +255,14 @@ class SweepPlan:
     resources: dict[str, Any] = field(default_factory=lambda: Resources().model_dump())
     max_concurrent: int | None = None
     experiment: str = "synthetic"
-    storage: str = "./ray_results/sweeps"  # absolute after resolve: the sweep folder is storage/name
+    storage: str = "./ray_results/sweeps"  # absolute path or URI after resolve: the sweep folder is storage/name
     spec_text: str = ""                    # what the parent run keeps as its spec artifact
     kind: str = "sweep"                    # sweep | reproduce
 
     @property
-    def sweep_dir(self) -> Path:
-        return Path(self.storage) / self.name
+    def sweep_dir(self) -> Location:
+        """<storage>/<name>: a local folder or a URI (trainer.storage)."""
+        return locate(self.storage) / self.name
 
     def fingerprint(self) -> str:
         """What must not change between a sweep and its resumption."""
@@ -374,6 +379,7 @@ def build_plan(spec: SweepSpec, *, spec_text: str = "", where: str = "", cli_ove
     except ConfigError as err:
         raise fail("base", str(err))
     fixed = _fixed_overrides(spec, cli_overrides or [], fail)
+    run_storage = fixed.pop("run.storage", None)  # the sweep's root, not a trial override
     try:
         base_cfg = resolve(base_raw, fixed)
     except ConfigError as err:
@@ -393,12 +399,27 @@ def build_plan(spec: SweepSpec, *, spec_text: str = "", where: str = "", cli_ove
                                 values=values, seed=seed, group=group_label(values)))
     trials = name_trials(spec.name, trials)
     configs = [_trial_config_or_fail(t, fail) for t in trials]  # cross-field checks, before Ray starts
-    root = Path(storage or spec.storage or str(Path(base_cfg.run.storage) / "sweeps")).expanduser().resolve()
+    root = sweep_root(storage, run_storage, spec.storage, base_cfg.run.storage)
     return SweepPlan(
         name=spec.name, trials=trials, swept=list(dims), metric=spec.metric, mode=spec.mode,
         asha=_resolve_asha(spec, max(c.optim.steps for c in configs), fail), resources=spec.resources.model_dump(),
         max_concurrent=spec.max_concurrent, experiment=base_cfg.experiment_name, storage=str(root),
         spec_text=spec_text)
+
+
+def sweep_root(storage: str | None, run_storage: str | None, spec_storage: str | None, base_storage: str) -> str:
+    """Where sweep folders live (a local folder, absolute, or a URI): --storage as given, else
+    <run.storage override>/sweeps, else the spec's `storage:`, else <$LINREP_STORAGE or the
+    base config's run.storage>/sweeps."""
+    from trainer.run import storage_root
+
+    if storage:
+        return str(locate(storage))
+    if run_storage:
+        return str(locate(str(run_storage)) / "sweeps")
+    if spec_storage:
+        return str(locate(spec_storage))
+    return str(locate(storage_root(base_storage)) / "sweeps")
 
 
 def configurations(spec: SweepSpec, dims: dict[str, tuple[str, Dimension]], fail) -> list[dict[str, Any]]:
@@ -467,6 +488,8 @@ def _check_dimensions(base_raw: dict[str, Any], dims: dict[str, tuple[str, Dimen
     """Each swept key exists, is not reserved, and each of its values (or range ends) is valid alone."""
     for key, (label, dim) in dims.items():
         _check_key(key, label, fail)
+        if key in PER_SWEEP:
+            raise fail(label, f"'{key}' is per sweep (where its folder lives), not swept: set it under overrides")
         if key in RESOURCE_KEYS.values():
             raise fail(label, f"'{key}' is set by resources; change resources instead")
         if dim.kind in ("uniform", "loguniform") and _is_non_numeric(key):

@@ -268,14 +268,19 @@ def write_outputs(summary: Summary, out_dir: Path, extra_tables: dict[str, str] 
 
 
 def publish_summary(plan: SweepPlan, uri: str, parent_run_id: str, *, out: Callable[[str], None] = print,
-                    extra_tables: Callable[[Summary], dict[str, str]] | None = None) -> tuple[Summary, list[Path]]:
-    """Collect, summarise, write, log to the parent run and print the summary of a sweep."""
+                    extra_tables: Callable[[Summary], dict[str, str]] | None = None) -> tuple[Summary, list]:
+    """Collect, summarise, write (into the sweep folder, local or a URI), log to the parent run and
+    print the summary of a sweep. Returns the summary and the files written (Paths when local)."""
     trials = collect_trials(plan, uri, parent_run_id)
     summary = summarise(plan, trials)
     extra = extra_tables(summary) if extra_tables else {}
-    paths = write_outputs(summary, plan.sweep_dir, extra)
-    for path in paths:
-        tracking.log_artifact(uri, parent_run_id, path, path.parent.name)
+    folder = plan.sweep_dir
+    with folder.staged_writes() as staging:  # a sweep folder on s3:// gets the files on exit
+        paths = write_outputs(summary, staging, extra)
+        for path in paths:
+            tracking.log_artifact(uri, parent_run_id, path, path.parent.name)
+    if not folder.is_local:
+        paths = [folder / path.relative_to(staging).as_posix() for path in paths]
     best = summary.best()
     if best:
         tracking.set_tags(uri, parent_run_id, {"linrep.best_configuration": best["configuration"]})

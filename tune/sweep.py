@@ -36,6 +36,7 @@ from typing import Any, Callable
 from trainer import cluster, ray_private, tracking
 from trainer.cluster import Demand, Node
 from trainer.errors import RuntimeFault, UserError
+from trainer.storage import Location, locate
 from tune.folder import STATE_FILE, TERMINAL, TrialLedger, ledger_counts, read_state, write_plan, write_state
 from tune.spec import SweepPlan, Trial, build_plan, load_spec, trial_config
 from tune.summary import Summary, publish_summary
@@ -60,7 +61,7 @@ class TrialContext:
 class ActiveRun:
     """The Ray Train run this trial process is executing (Tune gives each trial its own actor)."""
 
-    stop_flag: Path                 # raised when Tune stops the trial: a stop, not a failure
+    stop_flag: Location             # raised when Tune stops the trial: a stop, not a failure
     box: Any                        # a small actor holding the run's Train controller handle
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -83,13 +84,13 @@ def run_trial(trial: Trial, ctx: TrialContext, report: Callable[[dict], None]) -
     ledger.stop_flag.unlink(missing_ok=True)
     # Tune runs the function in the trial folder: every path is absolute, the store comes by env
     os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
-    cfg = trial_config(trial, Path(ctx.sweep_dir) / "runs")
+    cfg = trial_config(trial, locate(ctx.sweep_dir) / "runs")
     cfg.tracking.uri = None
     handle = prepare_run(cfg, parent_run_id=ctx.parent_run_id)
     if handle.run_id:
         tracking.set_tags(ctx.tracking_uri, handle.run_id, {
             SWEEP_TAG: ctx.sweep, "linrep.group": trial.group, "linrep.seed": trial.seed})
-    ckpts = list_checkpoints(handle.run_dir) if handle.run_dir.is_dir() else []
+    ckpts = list_checkpoints(handle.run_dir)
     ledger.start(handle.run_id, read_meta(ckpts[-1])["step"] if ckpts else 0)
     _ACTIVE = active = ActiveRun(ledger.stop_flag, _controller_box())
     try:
@@ -190,7 +191,7 @@ def _report_callback(stop_flag: str):
 
         def after_report(self, run_context, metrics, checkpoint):
             item = {**metrics[0], **({CHECKPOINT_PATH_KEY: checkpoint.path} if checkpoint else {})}
-            while not os.path.exists(self._flag):
+            while not locate(self._flag).exists():
                 try:
                     ray_private.put_training_item(self, item, timeout=1.0)
                     return
@@ -236,7 +237,7 @@ def _tune_callback_class():
             self.sweep_dir, self.keys, self.metric = sweep_dir, keys, metric
 
         def _counts(self, trials, ended=None) -> str:
-            c = ledger_counts(Path(self.sweep_dir), self.keys)
+            c = ledger_counts(self.sweep_dir, self.keys)
             ended_id = getattr(ended, "trial_id", None)
             running = sum(getattr(t, "status", "") == "RUNNING" and getattr(t, "trial_id", 0) != ended_id
                           for t in trials)
@@ -270,7 +271,7 @@ class SweepOutcome:
     plan: SweepPlan
     parent_run_id: str
     tracking_uri: str
-    sweep_dir: Path
+    sweep_dir: Location
     counts: dict[str, int]
     summary: Summary | None = None
     artifacts: list[Path] = field(default_factory=list)
@@ -373,9 +374,12 @@ def build_tuner(plan: SweepPlan, ctx: TrialContext, concurrency: int):
 
     trainable = tune.with_resources(make_trainable(plan, ctx), {"CPU": 0, "memory": TRIAL_MEMORY})
     exp_dir = plan.sweep_dir
-    if tune.Tuner.can_restore(str(exp_dir)):
+    # Tune's experiment state lives beside the ledger, on the same storage (local folder or URI)
+    fs = {} if exp_dir.is_local else {"storage_filesystem": exp_dir.fs}
+    if tune.Tuner.can_restore(exp_dir.path, **fs):
         print(f"[sweep] resuming {plan.name} from {exp_dir}", file=sys.stderr, flush=True)
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(exp_dir.path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  **fs)
     scheduler = None
     if plan.asha:
         # stop_last_trials=False: a trial that reaches max_t ends by itself (with its final probe)
@@ -387,7 +391,7 @@ def build_tuner(plan: SweepPlan, ctx: TrialContext, concurrency: int):
         param_space={"trial": tune.grid_search([t.key for t in plan.trials])},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-        run_config=tune.RunConfig(name=plan.name, storage_path=str(Path(plan.storage)), verbose=0,
+        run_config=tune.RunConfig(name=plan.name, **locate(plan.storage).ray_storage(), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0), callbacks=[progress]),
     )
 
@@ -401,6 +405,7 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     from trainer.run import check_ray_address, cluster_nodes, init_ray
 
     check_ray_address(address)  # before the parent run opens: a bad address leaves nothing RUNNING
+    plan.sweep_dir.check_reachable()
     uri = resolve_tracking_uri(plan)
     tracking.check_reachable(uri)
     if plan.asha:
@@ -460,7 +465,8 @@ def finish_message(outcome: SweepOutcome) -> int:
 def run_sweep_cli(args) -> int:
     """`linrep sweep SPEC [key=value ...] [--address A] [--name N]`."""
     spec, text, path = load_spec(args.spec, name=getattr(args, "name", None))
-    plan = build_plan(spec, spec_text=text, where=str(path), cli_overrides=list(args.overrides or []))
+    plan = build_plan(spec, spec_text=text, where=str(path), cli_overrides=list(args.overrides or []),
+                      storage=getattr(args, "storage", None))
     outcome = run_sweep(plan, address=getattr(args, "address", None))
     print(f"\nsweep {plan.name}: {outcome.counts.get('finished', 0)}/{len(plan.trials)} trials finished; "
           f"MLflow parent run {outcome.parent_run_id} (experiment '{plan.experiment}'); "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, TypedDict
 
 from trainer.errors import UserError
+from trainer.storage import Location, is_uri, locate
 
 MANIFEST_NAME = "manifest.json"
 FACTOR_KINDS = ("categorical", "continuous", "periodic")
@@ -39,10 +40,18 @@ class ShardInfo:
     sha256: str
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex of a file, read in chunks (shards can be large)."""
+def open_shard(url: str | Path):
+    """A shard opened for a sequential read: a local file, or an input stream from the storage
+    its URI names (s3://...: streamed from the object store, never copied to local disk)."""
+    if is_uri(url):
+        return locate(url).open_input()
+    return open(url, "rb")
+
+
+def file_sha256(path: Path | str | Location, chunk: int = 1 << 20) -> str:
+    """sha256 hex of a file (a local path or a URI), read in chunks (shards can be large)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_shard(str(path)) as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -78,7 +87,8 @@ class Manifest:
     splits: dict[str, dict[str, Any]]  # split -> {"num_samples": int, "shards": [ShardInfo]}
     skipped: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    root: Path | None = field(default=None, compare=False)  # where it was loaded from (not saved)
+    # where it was loaded from (not saved): a Path, or a Location for a URI (s3://...)
+    root: Path | Location | None = field(default=None, compare=False)
 
     # -- helpers --------------------------------------------------------------------------------
     @property
@@ -165,13 +175,14 @@ def _check_manifest_dict(raw: Any, source: str) -> None:
                 raise UserError(f"{source}: split '{split}' shard {i} needs exactly name, num_samples, sha256")
 
 
-def load_manifest(root: Path) -> Manifest:
-    """Read and validate ``root/manifest.json`` (root may also be the manifest file itself).
+def load_manifest(root: Path | str | Location) -> Manifest:
+    """Read and validate ``root/manifest.json`` (root may also be the manifest file itself; a local
+    folder or a URI such as s3://bucket/dsprites).
 
     Missing file, bad JSON, missing keys and missing shard files are UserErrors naming the file.
     """
-    root = Path(root)
-    path = root if root.suffix == ".json" else root / MANIFEST_NAME
+    where = locate(root)
+    path = where if where.name.endswith(".json") else where / MANIFEST_NAME
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -188,27 +199,29 @@ def load_manifest(root: Path) -> Manifest:
         if isinstance(err, UserError):
             raise
         raise UserError(f"{path}: malformed value ({err})") from None
-    manifest.root = path.parent
+    folder = path.parent
+    manifest.root = folder.local_path if folder.is_local else folder
+    present = folder.files()  # one listing (one request on an object store), not one per shard
     for split in manifest.splits:
         for info in manifest.shards(split):
-            if not (path.parent / info.name).is_file():
-                raise UserError(f"{path}: shard {path.parent / info.name} is missing")
+            if info.name not in present:
+                raise UserError(f"{path}: shard {folder / info.name} is missing")
     return manifest
 
 
-def verify_shards(root: Path, manifest: Manifest, split: str | None = None) -> None:
+def verify_shards(root: Path | str | Location, manifest: Manifest, split: str | None = None) -> None:
     """Check every shard's sha256 against the manifest; a mismatch names the shard."""
-    root = Path(root)
+    folder = locate(root)
     for name in ([split] if split else list(manifest.splits)):
         for info in manifest.shards(name):
-            path = root / info.name
+            path = folder / info.name
             if not path.is_file():
                 raise UserError(f"shard {path} is missing")
             if file_sha256(path) != info.sha256:
                 raise UserError(f"shard {path}: sha256 does not match {MANIFEST_NAME} (corrupt or replaced)")
 
 
-def shard_urls(root: Path, manifest: Manifest, split: str) -> list[str]:
-    """Absolute paths of a split's shards, in order."""
-    root = Path(root).resolve()
-    return [str(root / info.name) for info in manifest.shards(split)]
+def shard_urls(root: Path | str | Location, manifest: Manifest, split: str) -> list[str]:
+    """A split's shards in order: absolute paths, or URIs for a dataset on remote storage."""
+    folder = locate(root)
+    return [str(folder / info.name) for info in manifest.shards(split)]

@@ -34,8 +34,9 @@ from PIL import Image
 from torchvision.io import decode_png
 
 from trainer.config import DataConfig
-from trainer.data.shards import Manifest, shard_urls
+from trainer.data.shards import Manifest, open_shard, shard_urls
 from trainer.data.tario import group_samples, tar_members
+from trainer.storage import Location, locate
 from trainer.errors import RuntimeFault, UserError
 
 Transform = Callable[[Image.Image], Any]
@@ -139,7 +140,7 @@ def read_slice(sl: ShardSlice, fault: _Fault) -> Iterator[dict]:
     """Raw samples (bytes per field, plus __key__/__url__) of one shard slice, in shard order."""
     where = {"key": "<start>"}  # key of the last file read whole: the corruption follows it
     try:
-        with open(sl.url, "rb") as fh:
+        with open_shard(sl.url) as fh:  # a local file or a stream from s3://..., read whole once
             for position, sample in enumerate(group_samples(tar_members(fh), sl.url, where)):
                 if sl.limit is not None and position >= sl.limit:
                     return
@@ -362,11 +363,11 @@ def _last_line(message: str) -> str:
     return lines[-1] if lines else message
 
 
-def _root(data: DataConfig, manifest: Manifest) -> Path:
-    root = manifest.root or (Path(data.root) if data.root else None)
+def _root(data: DataConfig, manifest: Manifest) -> Path | Location:
+    root = manifest.root or (locate(data.root) if data.root else None)
     if root is None:
         raise UserError("data.root is not set and the manifest was not loaded from a folder")
-    return Path(root)
+    return root
 
 
 def make_train_loader(data: DataConfig, manifest: Manifest, *, rank: int, world_size: int, batch_size: int,
