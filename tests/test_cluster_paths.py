@@ -101,11 +101,12 @@ def test_ds_accelerator_follows_use_gpu():
 def test_the_trainer_hands_the_workers_that_accelerator(monkeypatch, tmp_path):
     """make_trainer's worker env (Ray's public RunConfig.worker_runtime_env), with the driver on cpu."""
     from trainer.run import RunHandle, make_trainer
+    from trainer.storage import locate
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     for use_gpu, expected in ((True, None), (False, "cpu")):
         cfg = resolve("synthetic-fast", [f"run.use_gpu={str(use_gpu).lower()}"])
-        trainer = make_trainer(RunHandle(cfg, "k", tmp_path / "k", None, None))
+        trainer = make_trainer(RunHandle(cfg, "k", locate(str(tmp_path / "k")), None, None))
         assert trainer.run_config.worker_runtime_env["env_vars"].get("DS_ACCELERATOR") == expected
 
 
