@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from trainer.config import Config, RunConfig
 from trainer.errors import UserError
 from trainer.loop import LoopContext, train_loop_per_worker
+from trainer.safe_load import check_resume_checkpoint
 from trainer import tracking
 
 
@@ -80,6 +81,7 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
         storage = from_env or cfg.run.storage
     storage_path = Path(storage).expanduser().resolve()
     run_dir = contained_run_dir(storage_path, run_key)
+    check_resume_checkpoint(run_dir)  # code in a crafted checkpoint: one line, before Ray and MLflow
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = tracking.resolve_uri(cfg.tracking)
