@@ -85,7 +85,8 @@ def drain_probes(actor, handle: RunHandle) -> dict[int, dict[str, float]]:
     try:
         return ray.get(actor.drain.remote(), timeout=timeout)
     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
-        why = (f"still probing after probe.drain_timeout_s={timeout:g} s" if isinstance(err, ray.exceptions.GetTimeoutError)
+        timed_out = isinstance(err, ray.exceptions.GetTimeoutError)
+        why = (f"still probing after probe.drain_timeout_s={timeout:g} s" if timed_out
                else f"the probe actor failed ({err.__class__.__name__})")
         steps = [step for step, _ in unprobed(handle)]
         left = f"steps {', '.join(map(str, steps))} under {handle.run_dir}" if steps else "none"

@@ -86,9 +86,8 @@ def check_checkpoint(directory: Path) -> None:
             raise UserError(f"checkpoint {directory} holds non-tensor objects ({path.relative_to(directory)}: "
                             f"{err.reason}); refusing to resume from it: delete it or restore a trusted copy") from None
         except Exception as err:  # truncated or garbled (meta.json's sizes match): refused as well
-            raise UserError(f"checkpoint {directory}: {path.relative_to(directory)} cannot be read "
-                            f"({str(err).strip().splitlines()[0][:140] if str(err).strip() else err.__class__.__name__})"
-                            ) from None
+            first = str(err).strip().splitlines()[0][:140] if str(err).strip() else err.__class__.__name__
+            raise UserError(f"checkpoint {directory}: {path.relative_to(directory)} cannot be read ({first})") from None
 
 
 def check_resume_checkpoint(run_dir: Path) -> None:
