@@ -281,14 +281,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
+def start_mlflow_server(tmp_path: Path, port: int, timeout: float = 120) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
            str(tmp_path / "server-artifacts"), "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import urllib.request
 
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
