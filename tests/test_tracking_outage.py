@@ -52,15 +52,18 @@ def test_a_hung_server_never_stalls_a_training_step(fast_fail, capfd):
     hung.listen(64)  # the kernel accepts connections; nobody ever answers
     uri = f"http://127.0.0.1:{hung.getsockname()[1]}"
     try:
-        logger = MetricLogger(uri, "0" * 32, flush_every_s=0, background=True, close_timeout_s=3)
-        slowest = 0.0
+        logger = MetricLogger(uri, "0" * 32, flush_every_s=0, background=True, flush_wait_s=0.5, close_timeout_s=3)
+        steps, flushes = [], []
         for step in range(1, 301):                 # what train() does: log every step, flush at checkpoints
             t0 = time.perf_counter()
             logger.log({"train/loss": 1.0, "train/acc": 0.5}, step)
+            steps.append(time.perf_counter() - t0)
             if step % 50 == 0:
-                logger.flush()
-            slowest = max(slowest, time.perf_counter() - t0)
-        assert slowest < 0.1, slowest              # a blocking write would take MLFLOW_HTTP_REQUEST_TIMEOUT (10 s)
+                t0 = time.perf_counter()
+                assert logger.flush() is False
+                flushes.append(time.perf_counter() - t0)
+        assert max(steps) < 0.1, max(steps)        # a blocking write would take MLFLOW_HTTP_REQUEST_TIMEOUT (10 s)
+        assert max(flushes) < 1.5, flushes         # bounded by flush_wait_s, then not at all (the write is stuck)
         t0 = time.perf_counter()
         logger.close(retries=1, wait_s=0)
         assert time.perf_counter() - t0 < 5       # bounded by close_timeout_s

@@ -315,13 +315,15 @@ class MetricLogger:
     steps and dropped what is already there. Steps of a key are written in increasing order, so the
     last stored step is a watermark.
 
-    background=True (the training loop): a writer thread does the writes. log() and flush() only
-    touch the buffer and never wait on the store, so a hung server (each HTTP call can block for
-    MLFLOW_HTTP_REQUEST_TIMEOUT x retries) never stalls a training step; close() waits a bounded time.
+    background=True (the training loop): a writer thread does the writes. log() only touches the
+    buffer, so a hung server (each HTTP call can block for MLFLOW_HTTP_REQUEST_TIMEOUT x retries)
+    never stalls a training step. flush() -- before a checkpoint is reported, so that what precedes
+    it is stored before a resume could start from it -- waits for the writer at most flush_wait_s,
+    and not at all while it backs off or is stuck in a write older than that; close() is bounded too.
     """
 
     def __init__(self, uri: str, run_id: str, *, flush_every_s: float = 5.0, max_buffer: int = 100_000,
-                 background: bool = False, close_timeout_s: float = 30.0):
+                 background: bool = False, flush_wait_s: float = 5.0, close_timeout_s: float = 30.0):
         self.uri, self.run_id = uri, run_id
         self.flush_every_s, self.max_buffer = flush_every_s, max_buffer
         self.buffer: list[tuple[str, float, int, int]] = []
@@ -338,6 +340,8 @@ class MetricLogger:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._close_timeout_s = close_timeout_s
+        self.flush_wait_s = flush_wait_s
+        self._write_started: float | None = None  # monotonic start of the write in flight
         self._writer = None
         if background:
             self._writer = threading.Thread(target=self._write_loop, name="linrep-metric-writer", daemon=True)
@@ -376,17 +380,31 @@ class MetricLogger:
                 self.dropped += overflow
                 del self.buffer[:overflow]
         if time.monotonic() - self._last_flush > self.flush_every_s:
-            self.flush()
+            self._last_flush = time.monotonic()
+            if self._writer is not None:
+                self._wake.set()  # never wait here: this is the training step
+            else:
+                self._write(force=False)
 
     def flush(self, force: bool = False) -> bool:
         """Write the buffer; on failure keep it, warn once, and back off (10 s doubling to 5 min).
-        In background mode this only wakes the writer and says whether the buffer is empty."""
+        True when everything is stored. Background mode: wake the writer and wait for it, bounded
+        (see the class docstring)."""
         self._last_flush = time.monotonic()
-        if self._writer is not None:
-            self._wake.set()
+        if self._writer is None:
+            return self._write(force)
+        self._wake.set()
+        deadline = time.monotonic() + self.flush_wait_s
+        while True:
             with self._lock:
-                return not self.buffer
-        return self._write(force)
+                if not self.buffer and not self.unresolved:
+                    return True
+            now = time.monotonic()
+            started = self._write_started
+            stuck = started is not None and now - started > self.flush_wait_s
+            if now >= deadline or now < self._next_try or stuck:
+                return False
+            time.sleep(0.01)
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():
@@ -419,6 +437,7 @@ class MetricLogger:
                     return True
             if not force and time.monotonic() < self._next_try:
                 return False
+            self._write_started = time.monotonic()
             try:
                 if self.unresolved:
                     self._resolve()
@@ -438,6 +457,8 @@ class MetricLogger:
                           f"{len(self.buffer)} metric values and retrying", file=sys.stderr, flush=True)
                     self._warned = True
                 return False
+            finally:
+                self._write_started = None
             if self._warned:
                 print("MLflow writes resumed; buffered metrics written", file=sys.stderr, flush=True)
             self._warned = False
