@@ -22,9 +22,9 @@ from trainer.config import Config
 _PROBES: dict[str, Callable[..., dict[str, float]]] = {}
 # The figure that ranks checkpoints for retention (higher is better).
 BEST_METRIC = {"synthetic": "probe/r2_affine", "dislib": "val/acc", "imagenet": "val/acc"}
-# The order in which tables and summaries show the probe figures (the headline first).
 # A checkpoint whose probe failed: tag linrep.probe_failed.<step> = the reason, on the run.
 FAILED_TAG_PREFIX = "linrep.probe_failed."
+# The order in which tables and summaries show the probe figures (the headline first).
 FIGURE_ORDER = ["probe/r2_affine", "probe/r2_linear", "probe/sv_mae", "probe/r2_w", "probe/r2_g"]
 
 
