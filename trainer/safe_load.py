@@ -7,7 +7,9 @@ exactly that (TorchCheckpointEngine.load: weights_only=False). The weights-only 
 tensors, containers and numbers only, plus the classes allow-listed here by full name:
 
 - the three plain-data classes DeepSpeed's ZeRO-1/2 optimiser shards hold (found by listing the
-  pickle globals of fp32 and bf16 shards, stages 0-2). None defines __reduce__, __setstate__ or
+  pickle globals of fp32 shards, stages 0-2, on the CPU; bf16 shards hold the same ones by
+  DeepSpeed's source: CreateLossScaler gives bf16 a static LossScaler, and BF16_Optimizer keeps
+  the same fragment_address slice mappings; not yet run on a GPU). None defines __reduce__, __setstate__ or
   __new__: the unpickler calls object.__new__ and fills __dict__ (LossScaler, fragment_address) or
   looks an int up in an Enum (ZeroStageEnum). A hostile file can set their fields, never run code.
   DynamicLossScaler (fp16 only) is left out: linrep never trains in fp16.
