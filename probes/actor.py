@@ -5,6 +5,9 @@
 workers keep training, and logs each figure to the run's MLflow run at the checkpoint's step. It
 restarts if it dies (max_restarts=-1) and Ray retries the call it was running (max_task_retries=-1),
 so a checkpoint whose probe was interrupted is probed again; already-logged steps are not logged twice.
+Attempts per checkpoint are bounded (probe.max_attempts, counted in the run folder by
+probes/attempts.py): a checkpoint whose probe kills the actor every time is recorded as failed
+(MLflow tag linrep.probe_failed.<step>, a warning line) and the next one is probed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from trainer.storage import Location, locate
 _PROBES: dict[str, Callable[..., dict[str, float]]] = {}
 # The figure that ranks checkpoints for retention (higher is better).
 BEST_METRIC = {"synthetic": "probe/r2_affine", "dislib": "val/acc", "imagenet": "val/acc"}
+# A checkpoint whose probe failed: tag linrep.probe_failed.<step> = the reason, on the run.
+FAILED_TAG_PREFIX = "linrep.probe_failed."
 # The order in which tables and summaries show the probe figures (the headline first).
 FIGURE_ORDER = ["probe/r2_affine", "probe/r2_linear", "probe/sv_mae", "probe/r2_w", "probe/r2_g"]
 
@@ -70,11 +75,12 @@ def probe_checkpoint(path: str | Path | Location, state: dict | None = None, dev
 
 
 class _ProbeActor:
-    def __init__(self, tracking_uri: str | None, run_id: str | None, threads: int = 1):
+    def __init__(self, tracking_uri: str | None, run_id: str | None, threads: int = 1, max_attempts: int = 2):
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.uri, self.run_id = tracking_uri, run_id
+        self.max_attempts = max_attempts
         self.state: dict[str, Any] = {}
         self.results: dict[int, dict[str, float]] = {}
         self.scores: dict[int, float] = {}  # step -> the retention metric
@@ -89,11 +95,19 @@ class _ProbeActor:
     def probe(self, path: str, step: int) -> dict[str, float]:
         """Probe, log, then apply retention. A probe that fails is reported, never raised:
         training must not be failed by a probe."""
+        from probes.attempts import is_done
+
+        run_dir = locate(path).parent
+        if is_done(run_dir, step):  # asked twice (the drain re-asks for calls lost with their caller)
+            return self.results.get(step, {})
+        if not self._start_attempt(path, step):
+            return {}
         t0 = time.perf_counter()
         try:
             _, figures, cfg = probe_checkpoint(path, self.state, with_config=True)
         except Exception as err:
             print(f"warning: probe of {path} failed: {err.__class__.__name__}: {str(err)[:200]}", flush=True)
+            self._record_failure(run_dir, step, f"{err.__class__.__name__}: {str(err)[:200]}")
             return {}
         figures["probe/seconds"] = time.perf_counter() - t0
         if self.logger:
@@ -106,8 +120,50 @@ class _ProbeActor:
             self._log_artifacts(step)
         self.results[step] = figures
         self._latest = {**figures, "step": step}
-        self._retain(locate(path).parent, cfg, step, figures)
+        self._mark(run_dir, step, "done")
+        self._retain(run_dir, cfg, step, figures)
         return figures
+
+    def _start_attempt(self, path: str, step: int) -> bool:
+        """Count this attempt before probing (the count outlives this process); False when the
+        checkpoint's attempts are used up: it is then recorded as failed."""
+        from probes.attempts import start_attempt
+
+        run_dir = locate(path).parent
+        if not run_dir.is_dir():
+            return True  # nothing to probe there either: probe_checkpoint will say so
+        try:
+            attempt = start_attempt(run_dir, step, self.max_attempts)
+        except OSError as err:  # a read-only run folder: probe unbounded rather than not at all
+            print(f"warning: cannot count probe attempts in {run_dir}: {err}", flush=True)
+            return True
+        if attempt is None:
+            reason = f"the probe actor died in each of its {self.max_attempts} attempts (probe.max_attempts)"
+            print(f"warning: probe of step {step} ({path}) failed: {reason}; not probed, going on", flush=True)
+            self._record_failure(run_dir, step, reason)
+            return False
+        return True
+
+    def _record_failure(self, run_dir: Location, step: int, reason: str) -> None:
+        """The failed step, in the ledger and as the MLflow tag linrep.probe_failed.<step>."""
+        self._mark(run_dir, step, "failed", reason)
+        if self.uri and self.run_id:
+            from trainer.tracking import set_tags
+
+            try:
+                set_tags(self.uri, self.run_id, {f"{FAILED_TAG_PREFIX}{step}": reason})
+            except Exception as err:  # a tracking outage must not stop the next probe
+                print(f"warning: could not tag the failed probe of step {step}: {err.__class__.__name__}", flush=True)
+
+    @staticmethod
+    def _mark(run_dir: Location, step: int, state: str, reason: str | None = None) -> None:
+        from probes.attempts import finish
+
+        if run_dir.is_dir():
+            try:
+                finish(run_dir, step, state, reason)
+            except OSError:
+                pass  # already warned by _start_attempt
 
     def _retain(self, run_dir: Location, cfg: Config, step: int, figures: dict[str, float]) -> None:
         """Keep the last run.keep_checkpoints checkpoints plus the best by the family's probe metric."""
@@ -168,4 +224,4 @@ def start_probe_actor(tracking_uri: str | None, run_id: str | None, cfg: Config,
     if name:
         opts["name"] = name
     threads = max(1, int(cfg.probe.actor_cpus)) if cfg.probe.actor_cpus >= 1 else 1
-    return cls.options(**opts).remote(tracking_uri, run_id, threads)
+    return cls.options(**opts).remote(tracking_uri, run_id, threads, cfg.probe.max_attempts)

@@ -55,7 +55,7 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
         result = fit(handle, probe_actor=actor, callbacks=callbacks)
         if result.error:
             raise RuntimeFault(f"training run {handle.run_key} failed: {root_cause(result.error)}")
-        history = ray.get(actor.drain.remote()) if actor else {}
+        history = drain_probes(actor, handle) if actor else {}
         status = "FINISHED"
     finally:
         if handle.run_id:
@@ -74,6 +74,46 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
         except Exception:
             final = {}
     return Outcome(handle.run_key, handle.run_id, handle.tracking_uri, handle.run_dir, final, history)
+
+
+def drain_probes(actor, handle: RunHandle) -> dict[int, dict[str, float]]:
+    """The probes still queued, waited for at most probe.drain_timeout_s; past it (a probe that
+    hangs), one warning line names the checkpoints left unprobed and the run finishes anyway."""
+    import ray
+
+    timeout = handle.cfg.probe.drain_timeout_s
+    # A probe call dies with its caller: a Train worker that finished (or died) while the actor was
+    # restarting takes its queued calls with it. Ask again, from the driver; done steps are skipped.
+    for step, path in unprobed(handle):
+        actor.probe.remote(str(path), step)
+    try:
+        return ray.get(actor.drain.remote(), timeout=timeout)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
+        timed_out = isinstance(err, ray.exceptions.GetTimeoutError)
+        why = (f"still probing after probe.drain_timeout_s={timeout:g} s" if timed_out
+               else f"the probe actor failed ({err.__class__.__name__})")
+        steps = [step for step, _ in unprobed(handle)]
+        left = f"steps {', '.join(map(str, steps))} under {handle.run_dir}" if steps else "none"
+        print(f"warning: {why}; checkpoints not probed: {left}", file=sys.stderr, flush=True)
+        return {}
+
+
+def unprobed(handle: RunHandle) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints due a probe (every probe.every-th, and the last)
+    whose probe neither finished nor failed, by the attempts ledger (probes/attempts.py)."""
+    from probes.attempts import read_ledger
+
+    cfg = handle.cfg
+    if not handle.run_dir.is_dir():
+        return []
+    ledger = read_ledger(handle.run_dir)
+    out = []
+    for path in list_checkpoints(handle.run_dir):
+        step = read_meta(path)["step"]
+        due = (step // cfg.run.checkpoint_every) % cfg.probe.every == 0 or step == cfg.optim.steps
+        if due and ledger.get(step, {}).get("state") not in ("done", "failed"):
+            out.append((step, path))
+    return out
 
 
 def root_cause(error: str) -> str:

@@ -129,22 +129,43 @@ def make_checkpoint(cfg, path: Path, step: int) -> Path:
     return path
 
 
+def wait_for_attempt(run_dir: Path, step: int, attempt: int, timeout: float = 120) -> dict:
+    """The attempts ledger's entry once `step`'s probe has started its `attempt`-th try (the actor
+    writes it before probing): proof that the probe is running, and in which process."""
+    from probes.attempts import read_ledger
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        entry = read_ledger(run_dir).get(step, {})
+        if entry.get("attempts", 0) >= attempt and entry.get("state") == "probing":
+            return entry
+        time.sleep(0.05)
+    raise AssertionError(f"the probe of step {step} did not start attempt {attempt} within {timeout} s")
+
+
 def test_probe_actor_killed_while_probing_reprobes(tmp_path, ray_local, sqlite_uri):
     from probes.actor import start_probe_actor
+    from probes.attempts import read_ledger
     from trainer.tracking import open_run
 
-    cfg = load_config("synthetic-supervised", ["data.generator_pool=200", "probe.samples=300000"])
+    cfg = load_config("synthetic-supervised", ["data.generator_pool=200", "probe.samples=60000"])
     run_id = open_run(cfg, sqlite_uri, "probe-kill")
     ckpt = make_checkpoint(cfg, tmp_path / "run" / "checkpoint_00000100", 100)
     actor = start_probe_actor(sqlite_uri, run_id, cfg)
     first_pid = ray_local.get(actor.pid.remote())
     ref = actor.probe.remote(str(ckpt), 100)
-    time.sleep(1.5)  # inside the probe: sampling and encoding 300k points
+    started = wait_for_attempt(tmp_path / "run", 100, 1)  # inside the probe: its first attempt is under way
+    assert started["pid"] == first_pid
     os.kill(first_pid, signal.SIGKILL)
     figures = ray_local.get(ref, timeout=300)
-    assert ray_local.get(actor.pid.remote()) != first_pid  # a restarted actor did it
+    second_pid = ray_local.get(actor.pid.remote())
+    assert second_pid != first_pid  # a restarted actor did it
+    # the kill landed mid-probe: a second attempt, by the new process, finished it (had the first
+    # attempt finished before the kill, the ledger would say 1)
+    assert read_ledger(tmp_path / "run")[100] == {"attempts": 2, "state": "done", "pid": second_pid}
     assert 0 <= figures["probe/r2_g"] <= 1
-    assert metric_steps(sqlite_uri, run_id, "probe/r2_affine") == [100]
+    for key in ("probe/r2_affine", "probe/seconds"):
+        assert metric_steps(sqlite_uri, run_id, key) == [100]  # the step's figures exist exactly once
     # a probe that fails (a broken checkpoint) is reported, never raised into training
     assert ray_local.get(actor.probe.remote(str(tmp_path / "missing"), 200)) == {}
     ray_local.kill(actor)
@@ -260,14 +281,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(tmp_path: Path, port: int) -> subprocess.Popen:
+def start_mlflow_server(tmp_path: Path, port: int, timeout: float = 120) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
            str(tmp_path / "server-artifacts"), "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     import urllib.request
 
-    deadline = time.time() + 120
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -23,6 +23,7 @@ from trainer.config import Config, ConfigError, from_dict, save_config
 from trainer.engine import MODEL_FILE, world_rank
 from trainer.errors import UserError
 from trainer.files import write_json_atomic
+from trainer.safe_load import UnsafeCheckpointFile, load_file
 from trainer.models import Classifier, InputSpec, build_classifier
 from trainer.storage import Location, locate
 
@@ -89,7 +90,9 @@ def read_config(directory: Where) -> Config:
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True): a pickle carrying code is refused, never executed."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_file(path)
+    except UnsafeCheckpointFile:
+        raise  # one line: "checkpoint file ... holds non-tensor objects (...)"
     except FileNotFoundError:
         raise UserError(f"checkpoint file {path} does not exist") from None
     except Exception as err:  # UnpicklingError for code-carrying pickles, RuntimeError for truncation

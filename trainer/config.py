@@ -277,6 +277,13 @@ class ProbeConfig(_Section):
     """GPU share of the probe actor."""
     every: int = Field(1, ge=1)
     """Probe every n-th checkpoint."""
+    max_attempts: int = Field(2, ge=1)
+    """Attempts at one checkpoint's probe when it kills the probe actor (out of memory, a crash);
+    past them the checkpoint is recorded as failed (MLflow tag linrep.probe_failed.<step>) and the
+    next one is probed."""
+    drain_timeout_s: float = Field(3600.0, gt=0)
+    """Seconds the end of a run waits for the probes still queued; past them a warning names the
+    checkpoints left unprobed and the run finishes."""
 
 
 class Config(_Section):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig, RunConfig
+from trainer.errors import UserError
+from trainer.safe_load import UnsafeCheckpointFile, load_file
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -144,11 +147,48 @@ class TorchEngine:
                         "client": client_state}, directory / STATE_FILE)
 
     def load(self, directory: Path) -> dict[str, Any]:
-        self.module.load_state_dict(torch.load(directory / MODEL_FILE, map_location=self.device, weights_only=True))
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        with refusing_unsafe(directory):
+            weights = load_file(directory / MODEL_FILE, map_location=self.device)
+            state = load_file(directory / STATE_FILE, map_location=self.device)
+        self.module.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         return state["client"]
+
+
+@contextmanager
+def refusing_unsafe(directory: Path):
+    """A refused file becomes one line naming the checkpoint folder (what the user deletes)."""
+    try:
+        yield
+    except UnsafeCheckpointFile as err:
+        name = err.path.relative_to(directory) if err.path.is_relative_to(directory) else err.path
+        raise UserError(f"checkpoint {directory} holds non-tensor objects ({name}: {err.reason}); "
+                        "refusing to load it") from None
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with its load replaced: torch.load(weights_only=True) with only
+    DeepSpeed's plain-data classes allowed (trainer/safe_load.py says which and why). DeepSpeed reads
+    every model-state and ZeRO shard through `checkpoint_engine.load`; saving is left as it was."""
+
+    def __init__(self, inner: Any, allowed: list):
+        self.inner, self.allowed = inner, allowed
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_file(path, map_location=map_location, allowed=self.allowed)
+
+    def __getattr__(self, name: str) -> Any:  # create / save / commit / makedirs ... as DeepSpeed made them
+        return getattr(self.inner, name)
+
+
+def deepspeed_safe_classes() -> list:
+    """The classes named in safe_load.DEEPSPEED_CLASS_NAMES, imported (only this module imports DeepSpeed)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
 
 
 class DeepSpeedEngine:
@@ -187,6 +227,8 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
+        # DeepSpeed's own loader unpickles with weights_only=False: code in a checkpoint would run
+        self.ds.checkpoint_engine = WeightsOnlyLoads(self.ds.checkpoint_engine, deepspeed_safe_classes())
         self.bf16 = bf16
 
     def train(self, mode: bool = True):
@@ -216,7 +258,8 @@ class DeepSpeedEngine:
             torch.save(state, directory / MODEL_FILE)
 
     def load(self, directory: Path) -> dict[str, Any]:
-        _, client_state = self.ds.load_checkpoint(str(directory), tag=DS_TAG)
+        with refusing_unsafe(directory):
+            _, client_state = self.ds.load_checkpoint(str(directory), tag=DS_TAG)
         return client_state or {}
 
 

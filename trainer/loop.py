@@ -226,7 +226,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = restore(engine, ctx.run_dir)
     logger = None
     if rank == 0 and ctx.tracking_uri and ctx.run_id:
-        logger = MetricLogger(ctx.tracking_uri, ctx.run_id)
+        logger = MetricLogger(ctx.tracking_uri, ctx.run_id, background=True)  # a hung server never stalls a step
         if start_step:
             logger.resume_from(["train/loss", "train/acc", "train/samples_per_s", "train/lr",
                                 "train/temperature", *data.stats().keys()])

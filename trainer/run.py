@@ -22,6 +22,7 @@ from trainer.config import Config, RunConfig
 from trainer.errors import UserError
 from trainer.loop import LoopContext, train_loop_per_worker
 from trainer.storage import Location, contained, locate
+from trainer.safe_load import check_resume_checkpoint
 from trainer import tracking
 from trainer.ray_private import use_single_machine_mode
 
@@ -86,6 +87,7 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
         run_key = f"{run_key}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = contained_run_dir(locate(storage or storage_root(cfg.run.storage)), run_key)
     run_dir.check_reachable()  # before the MLflow run opens: a missing bucket leaves nothing RUNNING
+    check_resume_checkpoint(run_dir)  # code in a crafted checkpoint: one line, before Ray and MLflow
     uri = run_id = None
     if cfg.tracking.enabled:
         uri = tracking_uri or tracking.resolve_uri(cfg.tracking)

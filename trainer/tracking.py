@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -306,19 +307,45 @@ def latest_metrics(uri: str, run_id: str) -> dict[str, float]:
 
 
 class MetricLogger:
-    """log(metrics, step): buffered, retried, exactly once per (key, step) across resumes."""
+    """log(metrics, step): buffered, retried, exactly once per (key, step) across resumes and outages.
 
-    def __init__(self, uri: str, run_id: str, *, flush_every_s: float = 5.0, max_buffer: int = 100_000):
+    Exactly once: a resumed run reads the last stored step of each key (`resume_from`) and skips
+    replayed steps. When the store cannot be read then (a restart during an outage), the keys stay
+    unresolved: their values are buffered but nothing is written until a flush has read the stored
+    steps and dropped what is already there. Steps of a key are written in increasing order, so the
+    last stored step is a watermark.
+
+    background=True (the training loop): a writer thread does the writes. log() only touches the
+    buffer, so a hung server (each HTTP call can block for MLFLOW_HTTP_REQUEST_TIMEOUT x retries)
+    never stalls a training step. flush() -- before a checkpoint is reported, so that what precedes
+    it is stored before a resume could start from it -- waits for the writer at most flush_wait_s,
+    and not at all while it backs off or is stuck in a write older than that; close() is bounded too.
+    """
+
+    def __init__(self, uri: str, run_id: str, *, flush_every_s: float = 5.0, max_buffer: int = 100_000,
+                 background: bool = False, flush_wait_s: float = 5.0, close_timeout_s: float = 30.0):
         self.uri, self.run_id = uri, run_id
         self.flush_every_s, self.max_buffer = flush_every_s, max_buffer
         self.buffer: list[tuple[str, float, int, int]] = []
         self.last_step: dict[str, int] = {}
+        self.unresolved: set[str] = set()  # keys whose stored steps are not known yet
         self.dropped = 0
         self._last_flush = time.monotonic()
         self._warned = False
         self._client = None
         self._backoff_s = 0.0        # grows while the store is unreachable: training is never held up
         self._next_try = 0.0
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one writer at a time (the thread, or close's last try)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._close_timeout_s = close_timeout_s
+        self.flush_wait_s = flush_wait_s
+        self._write_started: float | None = None  # monotonic start of the write in flight
+        self._writer = None
+        if background:
+            self._writer = threading.Thread(target=self._write_loop, name="linrep-metric-writer", daemon=True)
+            self._writer.start()
 
     @property
     def client(self):
@@ -327,66 +354,139 @@ class MetricLogger:
         return self._client
 
     def resume_from(self, keys: list[str]) -> None:
-        """Remember the last logged step of each key, so a replayed step is not logged twice."""
+        """Remember the last logged step of each key, so a replayed step is not logged twice. A key
+        the store cannot answer for now stays unresolved (see the class docstring)."""
         for key in keys:
             try:
                 hist = self.client.get_metric_history(self.run_id, key)
             except Exception:
+                with self._lock:
+                    self.unresolved.add(key)
                 continue
             if hist:
-                self.last_step[key] = max(m.step for m in hist)
+                with self._lock:
+                    self.last_step[key] = max(self.last_step.get(key, -1), max(m.step for m in hist))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        for key, value in metrics.items():
-            if step <= self.last_step.get(key, -1):
-                continue  # already in the store (a replay after resume)
-            self.buffer.append((key, float(value), ts, step))
-            self.last_step[key] = step
-        if len(self.buffer) > self.max_buffer:
-            overflow = len(self.buffer) - self.max_buffer
-            self.dropped += overflow
-            del self.buffer[:overflow]
+        with self._lock:
+            for key, value in metrics.items():
+                if step <= self.last_step.get(key, -1):
+                    continue  # already in the store (a replay after resume)
+                self.buffer.append((key, float(value), ts, step))
+                self.last_step[key] = step
+            if len(self.buffer) > self.max_buffer:
+                overflow = len(self.buffer) - self.max_buffer
+                self.dropped += overflow
+                del self.buffer[:overflow]
         if time.monotonic() - self._last_flush > self.flush_every_s:
-            self.flush()
+            self._last_flush = time.monotonic()
+            if self._writer is not None:
+                self._wake.set()  # never wait here: this is the training step
+            else:
+                self._write(force=False)
 
     def flush(self, force: bool = False) -> bool:
-        """Write the buffer; on failure keep it, warn once, and back off (10 s doubling to 5 min)."""
-        now = time.monotonic()
-        self._last_flush = now
-        if not self.buffer:
-            return True
-        if not force and now < self._next_try:
-            return False
+        """Write the buffer; on failure keep it, warn once, and back off (10 s doubling to 5 min).
+        True when everything is stored. Background mode: wake the writer and wait for it, bounded
+        (see the class docstring)."""
+        self._last_flush = time.monotonic()
+        if self._writer is None:
+            return self._write(force)
+        self._wake.set()
+        deadline = time.monotonic() + self.flush_wait_s
+        while True:
+            with self._lock:
+                if not self.buffer and not self.unresolved:
+                    return True
+            now = time.monotonic()
+            started = self._write_started
+            stuck = started is not None and now - started > self.flush_wait_s
+            if now >= deadline or now < self._next_try or stuck:
+                return False
+            time.sleep(0.01)
+
+    def _write_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=max(self.flush_every_s, 0.05))
+            self._wake.clear()
+            if not self._stop.is_set():
+                self._write(force=False)
+
+    def _resolve(self) -> None:
+        """Read the stored steps of unresolved keys and drop buffered values already stored
+        (raises while the store is away: nothing is written before this succeeds)."""
+        with self._lock:
+            keys = sorted(self.unresolved)
+        stored = {}
+        for key in keys:
+            hist = self.client.get_metric_history(self.run_id, key)
+            stored[key] = max((m.step for m in hist), default=-1)
+        with self._lock:
+            self.buffer = [b for b in self.buffer if b[3] > stored.get(b[0], -1)]
+            for key, step in stored.items():
+                self.last_step[key] = max(self.last_step.get(key, -1), step)
+            self.unresolved -= set(stored)
+
+    def _write(self, force: bool) -> bool:
         from mlflow.entities import Metric
 
-        try:
-            while self.buffer:
-                chunk = self.buffer[:1000]
-                self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in chunk])
-                del self.buffer[:len(chunk)]
-        except Exception as err:
-            self._backoff_s = min(300.0, max(10.0, 2 * self._backoff_s))
-            self._next_try = time.monotonic() + self._backoff_s
-            if not self._warned:
-                print(f"warning: MLflow write failed ({err.__class__.__name__}); buffering "
-                      f"{len(self.buffer)} metric values and retrying", file=sys.stderr, flush=True)
-                self._warned = True
-            return False
-        if self._warned:
-            print("MLflow writes resumed; buffered metrics written", file=sys.stderr, flush=True)
-        self._warned = False
-        self._backoff_s = 0.0
-        return True
+        with self._write_lock:
+            with self._lock:
+                if not self.buffer and not self.unresolved:
+                    return True
+            if not force and time.monotonic() < self._next_try:
+                return False
+            self._write_started = time.monotonic()
+            try:
+                if self.unresolved:
+                    self._resolve()
+                while True:
+                    with self._lock:
+                        chunk = self.buffer[:1000]
+                    if not chunk:
+                        break
+                    self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in chunk])
+                    with self._lock:
+                        del self.buffer[:len(chunk)]  # log() only appends: the chunk is still at the front
+            except Exception as err:
+                self._backoff_s = min(300.0, max(10.0, 2 * self._backoff_s))
+                self._next_try = time.monotonic() + self._backoff_s
+                if not self._warned:
+                    print(f"warning: MLflow write failed ({err.__class__.__name__}); buffering "
+                          f"{len(self.buffer)} metric values and retrying", file=sys.stderr, flush=True)
+                    self._warned = True
+                return False
+            finally:
+                self._write_started = None
+            if self._warned:
+                print("MLflow writes resumed; buffered metrics written", file=sys.stderr, flush=True)
+            self._warned = False
+            self._backoff_s = 0.0
+            return True
 
     def close(self, retries: int = 3, wait_s: float = 2.0) -> None:
-        for attempt in range(retries):
-            if self.flush(force=True):
+        """A last few tries, then a warning counting what could not be written. In background mode
+        the whole close takes at most close_timeout_s, even against a hung server."""
+        if self._writer is not None:
+            self._stop.set()
+            self._wake.set()
+            closer = threading.Thread(target=self._last_tries, args=(retries, wait_s), daemon=True)
+            closer.start()
+            closer.join(self._close_timeout_s)
+        else:
+            self._last_tries(retries, wait_s)
+        with self._lock:
+            left = len(self.buffer) + self.dropped
+        if left:
+            print(f"warning: {left} metric values could not be written to "
+                  f"MLflow ({redact(self.uri)}) and were dropped", file=sys.stderr, flush=True)
+
+    def _last_tries(self, retries: int, wait_s: float) -> None:
+        for _ in range(retries):
+            if self._write(force=True):
                 break
             time.sleep(wait_s)
-        if self.buffer or self.dropped:
-            print(f"warning: {len(self.buffer) + self.dropped} metric values could not be written to "
-                  f"MLflow ({redact(self.uri)}) and were dropped", file=sys.stderr, flush=True)
 
 
 # Fail fast against an unreachable tracking server (MLflow's defaults retry for minutes).
