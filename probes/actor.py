@@ -162,8 +162,8 @@ class _ProbeActor:
         if run_dir.is_dir():
             try:
                 finish(run_dir, step, state, reason)
-            except OSError:
-                pass  # already warned by _start_attempt
+            except OSError as err:
+                print(f"warning: cannot record the probe of step {step} as {state} in {run_dir}: {err}", flush=True)
 
     def _retain(self, run_dir: Location, cfg: Config, step: int, figures: dict[str, float]) -> None:
         """Keep the last run.keep_checkpoints checkpoints plus the best by the family's probe metric."""

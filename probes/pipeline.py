@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,21 @@ def drain_probes(actor, handle: RunHandle) -> dict[int, dict[str, float]]:
     import ray
 
     timeout = handle.cfg.probe.drain_timeout_s
-    # A probe call dies with its caller: a Train worker that finished (or died) while the actor was
-    # restarting takes its queued calls with it. Ask again, from the driver; done steps are skipped.
-    for step, path in unprobed(handle):
-        actor.probe.remote(str(path), step)
+    deadline = time.monotonic() + timeout
     try:
-        return ray.get(actor.drain.remote(), timeout=timeout)
+        while True:
+            # A probe call dies with its caller: a Train worker that finished (or died) while the
+            # actor was restarting takes its queued calls with it. Ask again, from the driver; done
+            # steps are skipped. Calls Ray retries after a restart may run after the drain (seen:
+            # the drain came back empty, the last checkpoint's probe ran after it), so drain until
+            # the attempts ledger has every due checkpoint done or failed.
+            for step, path in unprobed(handle):
+                actor.probe.remote(str(path), step)
+            results = ray.get(actor.drain.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            if not unprobed(handle):
+                return results
+            if time.monotonic() >= deadline:
+                raise ray.exceptions.GetTimeoutError("drain")
     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
         timed_out = isinstance(err, ray.exceptions.GetTimeoutError)
         why = (f"still probing after probe.drain_timeout_s={timeout:g} s" if timed_out

@@ -57,7 +57,7 @@ def test_a_probe_that_always_kills_its_actor_is_recorded_and_the_run_finishes(tm
     assert len(killed) == 2 and killed[0] != killed[1], out[-3000:]  # two attempts, two processes, killed mid-probe
     ledger = read_ledger(run_dir)
     assert ledger[100]["state"] == "failed" and ledger[100]["attempts"] == 2
-    assert ledger[200]["state"] == "done"
+    assert ledger.get(200, {}).get("state") == "done", (ledger, out[-3000:])
     assert "warning: probe of step 100" in out and "probe.max_attempts" in out  # the run's log says so
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     run = only_run(uri, "synthetic")
