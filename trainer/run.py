@@ -117,6 +117,10 @@ def check_files_and_store(cfg: Config) -> None:
     before Ray starts, so bad input fails in seconds (prepare_run repeats them; cached)."""
     absolute_data_root(cfg)
     preflight(cfg)
+    if cfg.run.resume:  # the folder a rerun resumes from: reachable, and its newest checkpoint safe
+        run_dir = contained_run_dir(locate(storage_root(cfg.run.storage)), cfg.run_name())
+        run_dir.check_reachable()
+        check_resume_checkpoint(run_dir)
     if cfg.tracking.enabled:
         tracking.check_reachable(tracking.resolve_uri(cfg.tracking))
 

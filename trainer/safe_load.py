@@ -92,6 +92,9 @@ def check_checkpoint(directory: Path) -> None:
             raise UserError(f"checkpoint {directory}: {path.relative_to(directory)} cannot be read ({first})") from None
 
 
+_CHECKED: set[str] = set()  # newest checkpoints this process found safe
+
+
 def check_resume_checkpoint(run_dir) -> None:
     """The checkpoint a rerun will resume from (the newest complete one in the run folder) is checked
     on the driver, before Ray starts and before the MLflow run is touched."""
@@ -100,6 +103,7 @@ def check_resume_checkpoint(run_dir) -> None:
 
     location = locate(run_dir)
     complete = list_checkpoints(location) if location.is_dir() else []
-    if complete:
+    if complete and str(complete[-1]) not in _CHECKED:  # the driver checks before Ray, then again in prepare_run
         with complete[-1].local_copy() as local:  # the folder itself, or a download from an object store
             check_checkpoint(local)
+        _CHECKED.add(str(complete[-1]))
