@@ -89,11 +89,12 @@ need_tools() {  # what `up` starts
   done
 }
 
-# The checkout and the interpreter's real folder: each node sees them at their own paths, even when
-# they lie under /tmp or /home, which each node replaces by its own (a CI clone in a mktemp folder).
+# The checkout, the venv and the interpreter's real folder: each node sees them at their own paths,
+# even when they lie under /tmp or /home, which each node replaces by its own (a CI clone in a
+# mktemp folder, a venv elsewhere under /tmp).
 keep_paths() {
   local real
-  for real in "$(cd "$HERE/../.." && pwd -P)" "$(dirname "$(readlink -f "$PY")")"; do
+  for real in "$(cd "$HERE/../.." && pwd -P)" "$(cd "$BIN/.." && pwd -P)" "$(dirname "$(readlink -f "$PY")")"; do
     case "$real" in /tmp/*|/home/*|/srv/*) echo "$real" ;; esac
   done
 }
@@ -186,9 +187,15 @@ node_exec() {  # $1 node, then the command
   local node="$1"; shift
   local pid
   pid="$(init_pid "$node")" && init_alive "$node" || die "node $node is not running (bed.sh up)"
-  # The caller's working dir, unless the node has its own version of that path (/tmp, /home, /srv).
-  local wd="$PWD"
-  case "$wd/" in /tmp/*|/home/*|/srv/*) wd=/ ;; esac
+  # The caller's working dir, unless the node has its own version of that path (/tmp, /home, /srv)
+  # and it is not inside the checkout or interpreter folder bound into every node (keep_paths).
+  local wd="$PWD" keep inside=""
+  for keep in $(keep_paths); do
+    case "$wd/" in "$keep"/*) inside=1 ;; esac
+  done
+  if [[ -z "$inside" ]]; then
+    case "$wd/" in /tmp/*|/home/*|/srv/*) wd=/ ;; esac
+  fi
   (
     node_env "$node"
     exec nsenter --target "$pid" --net --pid --mount --uts --wd="$wd" -- "$@"
