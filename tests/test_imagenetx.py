@@ -126,12 +126,18 @@ def test_balanced_stratified_split():
 
 def test_t_test_against_chance():
     accs = [0.55, 0.58, 0.52, 0.57, 0.56]
-    t, p = t_test_vs_chance(accs)
-    ref = ttest_1samp(accs, 0.5, alternative="greater")
+    t, p = t_test_vs_chance(accs)  # two-sided by default, as the public plotting.py
+    ref = ttest_1samp(accs, 0.5)
     assert t == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
-    assert t_test_vs_chance([0.45, 0.47, 0.44])[1] > 0.9  # below chance: not significant
+    t1, p1 = t_test_vs_chance(accs, alternative="greater")
+    assert p1 == pytest.approx(ttest_1samp(accs, 0.5, alternative="greater").pvalue) and p1 == pytest.approx(p / 2)
+    assert t_test_vs_chance([0.45, 0.47, 0.44], alternative="greater")[1] > 0.9  # below chance: not significant
+    assert t_test_vs_chance([0.45, 0.47, 0.44])[1] < 0.05  # ... but two-sided it differs from chance
     assert t_test_vs_chance([0.8, 0.8, 0.8])[1] == 0.0  # no spread, above chance
+    assert t_test_vs_chance([0.3, 0.3])[1] == 0.0 and t_test_vs_chance([0.3, 0.3], alternative="greater")[1] == 1.0
     assert t_test_vs_chance([0.5, 0.5])[1] == 1.0
+    with pytest.raises(UserError, match="alternative 'less'"):
+        t_test_vs_chance(accs, alternative="less")
 
 
 def test_bonferroni_over_targets_and_models():
@@ -157,13 +163,26 @@ def test_roc_auc_matches_sklearn():
 
 # ---- the real annotations and the join ----------------------------------------------------------------
 def test_real_annotations(annotations):
-    assert len(annotations) == 48868  # every annotated validation image ("~49k")
+    """Defaults = imagenet_x.load_annotations()'s (the public code's): top factor, prototypes filtered,
+    the class split at its mean."""
+    from imagenet_x import load_annotations
+
+    reference = load_annotations()
+    assert len(annotations) == len(reference) == 46110
     assert list(annotations.columns) == ["key", "class", *FACTORS, "class_binary"]
     assert annotations["key"].is_unique and annotations["key"].str.match(r"^ILSVRC2012_val_\d{8}$").all()
+    assert annotations["key"].tolist() == [Path(f).stem for f in reference["file_name"]]
     assert set(np.unique(annotations[list(FACTORS)].to_numpy())) == {0, 1}
-    assert annotations["class_binary"].tolist() == (annotations["class"] >= 500).astype(int).tolist()
-    top = load_imagenetx_annotations("top", filter_prototypes=True)
-    assert len(top) < len(annotations) and (top[list(FACTORS)].sum(axis=1) <= 1).all()
+    assert (annotations[list(FACTORS)].sum(axis=1) <= 1).all()  # the top factor only
+    mean_class = reference["class"].mean()
+    assert 497 < mean_class < 498  # so class_binary is class >= 498 here, not >= 500
+    assert annotations["class_binary"].tolist() == (reference["class"] > mean_class).astype(int).tolist()
+    multi = load_imagenetx_annotations("multi", filter_prototypes=False, class_split="500")
+    assert len(multi) == 48868  # every annotated validation image ("~49k")
+    assert (multi[list(FACTORS)].sum(axis=1) > 1).any()
+    assert multi["class_binary"].tolist() == (multi["class"] >= 500).astype(int).tolist()
+    with pytest.raises(UserError, match="class_split='median'"):
+        load_imagenetx_annotations(class_split="median")
 
 
 def test_join_with_real_annotations(annotations):
@@ -188,8 +207,13 @@ def test_probe_finds_encoded_factors(annotations):
     Y["noise"] = rng.integers(0, 2, len(Y))
     signal = np.c_[Y["pose"], Y["class_binary"]].astype(np.float32) * 2.0
     X = np.c_[signal + rng.standard_normal((len(Y), 2)), rng.standard_normal((len(Y), 6)), np.zeros(len(Y))]
-    table = probe_features(X.astype(np.float32), Y, seeds=4, targets=["pose", "class_binary", "noise", "brighter"])
+    X[:, -2] = np.abs(X[:, -2])  # a positive unit among the noise: kept, the others' means decide
+    table = probe_features(X.astype(np.float32), Y, seeds=4, targets=["pose", "class_binary", "noise", "brighter"],
+                           unit_rule="constant")
     assert table.attrs["dropped_units"] == 1 and table.attrs["units"] == 8
+    expected_kept = int((X[:, :8].mean(0) > 0).sum())
+    public = probe_features(X.astype(np.float32), Y, seeds=2, targets=["pose"])  # default: mean <= 0 dropped
+    assert public.attrs["units"] == expected_kept and public.attrs["dropped_units"] == 9 - expected_kept
     rows = table.set_index("target")
     assert rows.loc["pose", "acc_mean"] > 0.8 and rows.loc["class_binary", "acc_mean"] > 0.8
     assert rows.loc["pose", "auc_mean"] > 0.85
@@ -203,7 +227,7 @@ def test_probe_finds_encoded_factors(annotations):
 
 
 def test_tables_and_plot(tmp_path):
-    frame = pd.DataFrame({"target": list(TARGETS), "acc_mean": np.linspace(0.5, 0.9, 17), "acc_std": 0.01,
+    frame = pd.DataFrame({"target": list(TARGETS), "acc_mean": np.linspace(0.5, 0.9, 17), "acc_std": 0.01, "acc_sem": 0.01,
                           "auc_mean": 0.7, "auc_std": 0.01, "t": 5.0, "p_value": np.r_[0.5, np.full(16, 1e-6)]})
     table = results_table({"resnet50": frame, "pixels-2048": frame.assign(acc_mean=0.5, p_value=0.6)})
     csv_path, md_path = write_tables(table, tmp_path)
@@ -211,6 +235,7 @@ def test_tables_and_plot(tmp_path):
     assert len(back) == 34 and back["significant"].sum() == 16
     md = md_path.read_text()
     assert "| target | resnet50 | pixels-2048 |" in md and "0.900 ± 0.010*" in md and "alpha 0.05 / 34" in md
+    assert "two-sided" in md and "SEM" in md
     png = plot_factor_accuracies(table, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, no leftovers
@@ -247,11 +272,21 @@ def test_timm_extractors(tmp_path):
     images = torch.randn(2, 3, 160, 160)
     fa = random_a.features(images)
     assert fa.dim() == 2 and torch.equal(fa, random_b.features(images))
-    # Pretrained weights from a local file (no network): the model's pooled features.
-    reference = timm.create_model("test_resnet", pretrained=False, num_classes=0).eval()
+    # Pretrained weights from a local file (no network): a 1000-class classifier's pooled features.
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    reference = timm.create_model("test_resnet", pretrained=False).eval()
     torch.save(reference.state_dict(), tmp_path / "w.pth")
-    loaded = create_extractor(f"timm:test_resnet,file={tmp_path / 'w.pth'}")
-    torch.testing.assert_close(loaded.features(images), reference(images))
+    save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))
+    pooled = reference.forward_head(reference.forward_features(images), pre_logits=True)
+    for name in ("w.pth", "w.safetensors"):
+        loaded = create_extractor(f"timm:test_resnet,file={tmp_path / name}")
+        torch.testing.assert_close(loaded.features(images), pooled)
+    headless = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    torch.save(headless.state_dict(), tmp_path / "headless.pth")
+    with pytest.raises(UserError, match="does not fit timm's test_resnet with a 1000-class head"):
+        create_extractor(f"timm:test_resnet,file={tmp_path / 'headless.pth'}")
 
 
 def test_timm_pretrained_unavailable_is_a_user_error():
@@ -306,15 +341,23 @@ def converted(tmp_path_factory):
     return fab, root / "shards"
 
 
-def test_run_imagenetx_probe_on_converted_shards(tmp_path, capfd, converted):
+def annotated_good_val(fab, annotations) -> int:
+    """Fabricated val images that survived conversion (one is corrupt) and are in the default
+    annotations (the fabricator draws from every annotated image; the default drops prototypes)."""
+    good = {Path(k).stem for k in fab.val_labels} - {Path(p).stem for p in fab.corrupt}
+    return len(good & set(annotations["key"]))
+
+
+def test_run_imagenetx_probe_on_converted_shards(tmp_path, capfd, converted, annotations):
     fab, shards = converted
     result = run_imagenetx_probe(shards, ["pixels:48,size=32", "timm_random:test_resnet"],
                                  out_dir=tmp_path / "out", batch_size=16, seeds=3, loader_workers=1,
                                  save_features=True)
-    good_val = len(fab.val_labels) - 1  # one corrupt validation image was skipped by the converter
+    good_val = annotated_good_val(fab, annotations)
+    assert 60 <= good_val < len(fab.val_labels)  # one corrupt image skipped, prototypes filtered
     assert result.found == {"pixels-48": good_val, "test_resnet-random": good_val}
-    assert result.annotated == 48868
-    assert "95 of 48,868 annotated images found" in capfd.readouterr().err
+    assert result.annotated == 46110
+    assert f"{good_val} of 46,110 annotated images found" in capfd.readouterr().err
     table = result.table
     assert set(table["model"]) == {"pixels-48", "test_resnet-random"} and len(table) == 2 * len(TARGETS)
     probed = table.dropna(subset=["acc_mean"])
@@ -330,17 +373,17 @@ def test_run_imagenetx_probe_on_converted_shards(tmp_path, capfd, converted):
     assert saved["features"].shape[0] == good_val and set(saved["keys"]) <= set(fab.val_labels)
 
 
-def test_cli_logs_to_a_real_mlflow_store(tmp_path, converted, capsys):
+def test_cli_logs_to_a_real_mlflow_store(tmp_path, converted, capsys, annotations):
     from mlflow.tracking import MlflowClient
 
     from linrep.imagenetx_cli import cli_main
 
-    _, shards = converted
+    fab, shards = converted
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert cli_main([str(shards), "-m", "pixels:16,size=16,label=px", "--out", str(tmp_path / "out"),
                      "--seeds", "2", "--workers", "0", "--device", "cpu", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
-    assert "| target | px |" in out and "px 95 of 48,868" in out
+    assert "| target | px |" in out and f"px {annotated_good_val(fab, annotations)} of 46,110" in out
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("imagenet")
     run = client.search_runs([exp.experiment_id])[0]
@@ -350,7 +393,7 @@ def test_cli_logs_to_a_real_mlflow_store(tmp_path, converted, capsys):
     assert names == {"imagenetx/imagenetx_probe.csv", "imagenetx/imagenetx_probe.md", "imagenetx/imagenetx_probe.png"}
 
 
-def test_checkpoint_probe_during_training(converted):
+def test_checkpoint_probe_during_training(converted, annotations):
     """The probe actor's ImageNet figures: val accuracy at the run's granularity + ImageNet-X."""
     from probes.imagenetx import checkpoint_probe
     from trainer.config import load_config
@@ -365,7 +408,7 @@ def test_checkpoint_probe_during_training(converted):
     state: dict = {}
     figures = checkpoint_probe(model, cfg, state)
     assert 0.0 <= figures["val/acc"] <= 1.0 and "val/acc_top5" not in figures  # 2 classes
-    assert figures["probe/imagenetx/found_images"] == len(fab.val_labels) - 1
+    assert figures["probe/imagenetx/found_images"] == annotated_good_val(fab, annotations)
     assert 0.0 <= figures["probe/imagenetx/class_binary"] <= 1.0
     assert "probe/imagenetx/significant_targets" in figures
     assert set(state["artifacts"]) == {"imagenetx.md", "imagenetx.csv"}

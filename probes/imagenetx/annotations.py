@@ -19,15 +19,29 @@ CLASS_TARGET = "class_binary"
 TARGETS = FACTORS + (CLASS_TARGET,)
 
 
-def load_imagenetx_annotations(which_factor: str = "multi", filter_prototypes: bool = False) -> pd.DataFrame:
+# The public code (klindtlab/csi, imagenetx/get_activations.py) calls imagenet_x.load_annotations()
+# with the package's defaults: the top factor per image, the annotators' prototype images removed.
+DEFAULT_WHICH_FACTOR = "top"
+DEFAULT_FILTER_PROTOTYPES = True
+CLASS_SPLITS = ("mean", "500")
+
+
+def load_imagenetx_annotations(which_factor: str = DEFAULT_WHICH_FACTOR,
+                               filter_prototypes: bool = DEFAULT_FILTER_PROTOTYPES,
+                               class_split: str = "mean") -> pd.DataFrame:
     """The ImageNet-X validation annotations: one row per image.
 
     Columns: ``key`` (file stem, e.g. ILSVRC2012_val_00004487), ``class`` (standard index), the 16
-    factors (0/1) and ``class_binary`` (class >= 500). ``which_factor="multi"`` keeps every factor
-    an annotator marked (48,868 images, the paper's "~49k"); ``"top"`` only the top factor.
-    ``filter_prototypes`` drops the images used as prototypes during annotation."""
+    factors (0/1) and ``class_binary``. The defaults are imagenet_x.load_annotations()'s, as the
+    public code uses them: ``which_factor="top"`` marks only the annotators' top factor (one 1 per
+    image) and ``filter_prototypes`` drops the images shown to annotators as prototypes (46,110 remain);
+    ``"multi"`` keeps every marked factor (48,868 images with the prototypes, the paper's "~49k").
+    ``class_split="mean"``: class_binary = class > the mean class of these annotations (the public
+    decode.py; 497.7 for the defaults, i.e. class >= 498); ``"500"``: class >= 500."""
     if which_factor not in ("multi", "top"):
         raise UserError(f"ImageNet-X annotations: which_factor='{which_factor}', choose multi or top")
+    if class_split not in CLASS_SPLITS:
+        raise UserError(f"ImageNet-X annotations: class_split='{class_split}', choose {' or '.join(CLASS_SPLITS)}")
     from imagenet_x import load_annotations  # heavy (pandas, scipy, tqdm): only when probing
 
     table = load_annotations(which_factor=which_factor, partition="val", filter_prototypes=filter_prototypes)
@@ -35,7 +49,8 @@ def load_imagenetx_annotations(which_factor: str = "multi", filter_prototypes: b
     out["class"] = table["class"].to_numpy().astype(np.int64)
     for factor in FACTORS:
         out[factor] = table[factor].to_numpy().astype(np.int64)
-    out[CLASS_TARGET] = (out["class"] >= 500).astype(np.int64)
+    above = out["class"] > out["class"].mean() if class_split == "mean" else out["class"] >= 500
+    out[CLASS_TARGET] = above.astype(np.int64)
     return out.reset_index(drop=True)
 
 

@@ -61,7 +61,8 @@ def checkpoint_probe(model, cfg, state: dict) -> dict[str, float]:
     for r in table.dropna(subset=["acc_mean"]).itertuples():
         figures[f"{METRIC_PREFIX}/{r.target}"] = float(r.acc_mean)
         figures[f"{METRIC_PREFIX}/{r.target}_auc"] = float(r.auc_mean)
-    figures[f"{METRIC_PREFIX}/significant_targets"] = float(table["significant"].sum())
+    # The t-test is two-sided (the public code's): count only the targets significantly above chance.
+    figures[f"{METRIC_PREFIX}/significant_targets"] = float((table["significant"] & (table["acc_mean"] > 0.5)).sum())
     state["artifacts"] = {"imagenetx.md": to_markdown(wide_table(table)),
                           "imagenetx.csv": table.drop(columns=["accs"]).to_csv(index=False)}
     return figures

@@ -105,6 +105,53 @@ def _frozen(module: torch.nn.Module, device: torch.device) -> Callable[[Tensor],
     return features
 
 
+def load_weights_file(path: Path | str) -> dict[str, Tensor]:
+    """A state dict from a local weights file without running anything in it: ``.safetensors``
+    through safetensors (preferred: no pickle at all), anything else through torch.load
+    (weights_only=True; trainer.safe_load), which refuses a pickle that asks for code. A
+    {"state_dict": ...} or {"model": ...} wrapper and a "module." prefix are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist (nothing is downloaded: give a local file)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise UserError(f"weights file {path} is not a readable safetensors file ({str(err)[:120]})") from None
+    else:
+        from trainer.safe_load import load_file
+
+        try:
+            state = load_file(path)
+        except UserError:
+            raise
+        except Exception as err:  # not a torch file at all: zip, EOF and unpickling errors of many types
+            raise UserError(f"weights file {path} is not a torch weights file ({err.__class__.__name__})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise UserError(f"weights file {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_local_weights(model: torch.nn.Module, name: str, path: str) -> torch.nn.Module:
+    """The weights of an ImageNet-1k classifier `name` (its 1000-way head included) into `model`,
+    strictly, then the head removed: a file of another architecture or head size is refused."""
+    state = load_weights_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1:2] or [str(err)[:160]]
+        raise UserError(f"weights file {path} does not fit timm's {name} with a 1000-class head "
+                        f"({first[0].strip()[:200]}); give ImageNet-1k weights of exactly this architecture") from None
+    model.reset_classifier(0)
+    return model
+
+
 def _timm_model(spec: ModelSpec, pretrained: bool, seed: int):
     import timm
 
@@ -112,15 +159,14 @@ def _timm_model(spec: ModelSpec, pretrained: bool, seed: int):
         raise UserError(f"model spec {spec.kind}: name a timm model, e.g. {spec.kind}:resnet50")
     if spec.arg not in timm.list_models() and not timm.is_model(spec.arg):
         raise UserError(f"timm has no model '{spec.arg}' (see timm.list_models())")
-    kwargs = {"num_classes": 0}
     weights = spec.option("file")
-    if weights:
-        if not Path(weights).is_file():
-            raise UserError(f"model spec {spec.kind}:{spec.arg}: weights file {weights} does not exist")
-        kwargs["pretrained_cfg_overlay"] = {"file": weights}
     torch.manual_seed(seed)  # the random-init baseline is reproducible
+    if weights and pretrained:
+        # Our own loader, not timm's pretrained_cfg_overlay: the file is read weights-only (see load_weights_file).
+        load_weights_file(weights)  # refuse a bad file before building a large model
+        return _load_local_weights(timm.create_model(spec.arg, pretrained=False), spec.arg, weights)
     try:
-        return timm.create_model(spec.arg, pretrained=pretrained, **kwargs)
+        return timm.create_model(spec.arg, pretrained=pretrained, num_classes=0)
     except Exception as err:  # hub/network/file errors come in many types
         if not pretrained:
             raise
