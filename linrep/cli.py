@@ -4,6 +4,7 @@
     linrep probe RUN_ID | probe imagenetx ...      re-probe a run's checkpoints / ImageNet-X probe
     linrep sweep SPEC [key=value ...]              Ray Tune sweep over copies of a base config
     linrep reproduce synthetic [--quick]           the paper's synthetic ablations
+    linrep reproduce imagenetx --shards DIR ...    the paper's ImageNet-X figure 3
     linrep data dsprites|convert|imagenet ...      write WebDataset shards + manifest
     linrep submit -- COMMAND ... / linrep jobs     Ray Jobs on a cluster
     linrep bench [name ...]                        benchmarks, printed as ratios
@@ -147,6 +148,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    if args.arm == "imagenetx":
+        from tune.reproduce_imagenetx import reproduce_imagenetx_cli
+
+        return reproduce_imagenetx_cli(args)
     from tune.reproduce import reproduce_cli
 
     _quiet_ray()
@@ -221,12 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=cmd_sweep)
 
     rp = sub.add_parser("reproduce", help="the paper's ablations")
-    rp.add_argument("arm", choices=["synthetic"])
+    rp.add_argument("arm", choices=["synthetic", "imagenetx"], help="synthetic ablations, or ImageNet-X (figure 3)")
     rp.add_argument("--quick", action="store_true", help="the CI-sized grid")
     rp.add_argument("--budget", type=float, default=1.0, help="scale the step budget (e.g. 10 on a cluster)")
     rp.add_argument("--seeds", type=int, default=None)
     rp.add_argument("--address", default=None)
     rp.add_argument("--storage", default=None, help="where sweep folders live: a local folder or a URI such as s3://bucket/linrep/sweeps (default: <run.storage or $LINREP_STORAGE>/sweeps)")
+    from tune.reproduce_imagenetx import add_imagenetx_arguments  # argparse only: no torch at --help
+
+    add_imagenetx_arguments(rp)
     rp.set_defaults(func=cmd_reproduce)
 
     b = sub.add_parser("bench", help="benchmarks (identifiability, overhead, streaming, scaling, probes, sweep)")

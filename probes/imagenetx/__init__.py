@@ -4,12 +4,15 @@ Protocol (Reizinger et al. 2025, section 4.3, after Idrissi et al. 2022's annota
 
 1. features of the annotated ImageNet validation images, joined with the annotations shipped in
    the ``imagenet-x`` package by file name (the shards' ``__key__`` is the file stem);
-2. units that never vary over those images (dead ReLU units) are dropped;
-3. per target (16 binary factors + the class binarised as class >= 500) and seed: classes
-   balanced by subsampling the majority, stratified 70/30 split, features z-scored with the
-   training rows' statistics, L2 logistic regression (C=1), test accuracy and ROC-AUC;
-4. per target: mean ± std over seeds, one-sample t-test of the accuracies against 0.5
-   (alternative "greater"), Bonferroni-corrected over targets x models at alpha 0.05.
+   The annotations are imagenet_x.load_annotations()'s defaults, as the paper's public code uses
+   them: the top factor per image, prototype images filtered;
+2. units whose mean activation is <= 0 are dropped (the public code's rule; dead ReLU units among them);
+3. per target (16 binary factors + the class binarised as class > its mean, the public code's) and
+   seed: classes balanced by subsampling the majority, stratified 70/30 split, features z-scored
+   with the training rows' statistics, L2 logistic regression (C=1), test accuracy and ROC-AUC;
+4. per target: mean ± SEM over seeds, two-sided one-sample t-test of the accuracies against 0.5,
+   Bonferroni-corrected at alpha 0.05 over targets x models (`linrep reproduce imagenetx`: the
+   paper's 17 x 5). docs/science.md (ImageNet-X) lists each choice and where it comes from.
 
 One module per concern:
 
@@ -48,6 +51,7 @@ from probes.imagenetx.statistics import (
     probe_features,
     results_table,
     roc_auc,
+    sem,
     t_test_vs_chance,
 )
 from probes.imagenetx.tables import METRIC_PREFIX, metrics_of, to_markdown, wide_table, write_tables
@@ -58,6 +62,6 @@ __all__ = [
     "checkpoint_probe", "create_extractor", "drop_inactive_units", "extract_features", "join_features",
     "list_extractors", "load_imagenetx_annotations", "log_probe_run", "metrics_of", "parse_model_spec",
     "plot_factor_accuracies", "probe_features", "register_extractor", "results_table", "roc_auc",
-    "run_imagenetx_probe", "t_test_vs_chance", "to_markdown", "val_shard_urls", "wide_table",
+    "run_imagenetx_probe", "sem", "t_test_vs_chance", "to_markdown", "val_shard_urls", "wide_table",
     "write_features", "write_tables",
 ]
