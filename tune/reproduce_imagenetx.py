@@ -34,10 +34,10 @@ from trainer.errors import UserError
 
 PAPER_TARGETS = 17
 PAPER_SOURCES = 5  # trained ResNet-50, trained ViT-B/16, both at random init, pixels
-# architecture -> default weight tag: ImageNet-1k cross-entropy checkpoints in timm's names.
-# resnet50.tv2_in1k is torchvision's IMAGENET1K_V2, the public code's ResNet50_Weights.DEFAULT.
-# The public ViT (torchvision's ViT_B_16_Weights.IMAGENET1K_V1) is not among timm's weights;
-# vit_base_patch16_224.augreg_in1k is timm's ViT-B/16 trained on ImageNet-1k only.
+# architecture -> default weight tag: ImageNet-1k classifiers in timm's names (docs/science.md).
+# resnet50.tv2_in1k is torchvision's IMAGENET1K_V2, the public code's ResNet50_Weights.DEFAULT
+# (cross-entropy). The public ViT (torchvision's ViT_B_16_Weights.IMAGENET1K_V1) is not among
+# timm's weights; vit_base_patch16_224.augreg_in1k is timm's ViT-B/16 trained on ImageNet-1k only.
 ARCHITECTURES = {"resnet50": "tv2_in1k", "vit_base_patch16_224": "augreg_in1k"}
 QUICK_ARCHITECTURES = {"test_resnet": "r160_in1k", "test_vit": "r160_in1k"}  # timm's smallest
 PIXELS = {"dim": 2048, "size": 224}  # public: nn.Linear(224*224*3, 2048), "same as resnet50"
@@ -217,7 +217,8 @@ def reproduce_imagenetx(shards: Path, *, quick: bool, weights: dict[str, Weights
     tests = bonferroni_count(len(sources))
     probe = run_imagenetx_probe(shards, [s.spec for s in sources], out_dir=out_dir, batch_size=batch_size,
                                 device=device, seeds=seeds, seed=seed, loader_workers=workers, tests=tests,
-                                bonferroni="17 targets x sources (see the footnote)",
+                                bonferroni=f"{PAPER_TARGETS} targets x {max(PAPER_SOURCES, len(sources))} sources; "
+                                           "see the notes below the table",
                                 stem="imagenetx_figure3", title="ImageNet-X factors (paper figure 3)")
     tested = int(probe.table["p_value"].notna().sum())
     note = footnote(sources, skipped, tested, quick)
