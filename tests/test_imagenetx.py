@@ -133,9 +133,13 @@ def test_t_test_against_chance():
     assert p1 == pytest.approx(ttest_1samp(accs, 0.5, alternative="greater").pvalue) and p1 == pytest.approx(p / 2)
     assert t_test_vs_chance([0.45, 0.47, 0.44], alternative="greater")[1] > 0.9  # below chance: not significant
     assert t_test_vs_chance([0.45, 0.47, 0.44])[1] < 0.05  # ... but two-sided it differs from chance
-    assert t_test_vs_chance([0.8, 0.8, 0.8])[1] == 0.0  # no spread, above chance
-    assert t_test_vs_chance([0.3, 0.3])[1] == 0.0 and t_test_vs_chance([0.3, 0.3], alternative="greater")[1] == 1.0
-    assert t_test_vs_chance([0.5, 0.5])[1] == 1.0
+    # No spread: what scipy answers for exactly equal values, whatever the rounding of its mean
+    for flat in ([0.75] * 3, [0.25] * 4, [0.5] * 3):
+        for alternative in ("two-sided", "greater"):
+            ref = ttest_1samp(flat, 0.5, alternative=alternative)
+            assert t_test_vs_chance(flat, alternative=alternative)[1] == pytest.approx(ref.pvalue, nan_ok=True)
+    assert ttest_1samp([0.8] * 3, 0.5).pvalue > 0 and t_test_vs_chance([0.8] * 3)[1] == 0.0  # rounding noise
+    assert np.isnan(t_test_vs_chance([0.7])[1])
     with pytest.raises(UserError, match="alternative 'less'"):
         t_test_vs_chance(accs, alternative="less")
 

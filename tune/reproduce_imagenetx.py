@@ -187,8 +187,8 @@ def footnote(sources: list[Source], skipped: list[str], tested: int, quick: bool
                f"plus {n - PAPER_SOURCES} linrep checkpoint(s)")
     lines = [f"Bonferroni: {why}."]
     if tested < PAPER_TARGETS * n:
-        lines.append(f"{PAPER_TARGETS * n - tested} (target, source) pairs could not be tested "
-                     "(fewer than 2 images in a class; n/a); they still count in the correction.")
+        lines.append(f"{PAPER_TARGETS * n - tested} (target, source) pairs could not be tested (n/a: fewer "
+                     "than 2 images in a class; or exactly 0.5 on every seed); they still count in the correction.")
     lines += [f"Left out: {line}." for line in skipped]
     if quick:
         lines.append("--quick: timm's tiny test_resnet/test_vit and 32x32 pixels, 3 seeds: a smoke test, "

@@ -68,18 +68,24 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 def t_test_vs_chance(values: Sequence[float], chance: float = CHANCE,
                      alternative: str = "two-sided") -> tuple[float, float]:
     """One-sample t-test of values against chance: (t, p). ``two-sided`` as the public plotting.py
-    (scipy's ttest_1samp default), or ``greater``. Zero spread (scipy gives NaN): the mean decides,
-    p = 0 if it differs from chance in the tested direction, else 1."""
+    (scipy's ttest_1samp default), or ``greater``. Zero spread (the same accuracy on every seed),
+    as scipy answers for exactly equal values: p = 0 if the mean differs from chance in the tested
+    direction, 1 if it lies on the other side, NaN if it equals chance (and for fewer than 2 values).
+    Computed here, not by scipy, because rounding in scipy's mean can leave a variance of ~1e-33 and
+    a p that is tiny instead of 0 (three times 0.8: p ~ 1e-32): the answer should not hang on it."""
     from scipy.stats import ttest_1samp
 
     if alternative not in ALTERNATIVES:
         raise UserError(f"ImageNet-X probe: t-test alternative '{alternative}', choose {' or '.join(ALTERNATIVES)}")
     values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2 or np.ptp(values) == 0:
-        mean = values.mean() if len(values) else chance
-        t = math.inf if mean > chance else -math.inf if mean < chance else 0.0
-        differs = mean > chance if alternative == "greater" else mean != chance
-        return t, float(not differs)
+    if len(values) < 2:
+        return (math.nan, math.nan)
+    if np.ptp(values) == 0:
+        mean = float(values[0])
+        if mean == chance:
+            return 0.0, math.nan
+        t = math.inf if mean > chance else -math.inf
+        return t, 0.0 if (alternative == "two-sided" or mean > chance) else 1.0
     result = ttest_1samp(values, chance, alternative=alternative)
     return float(result.statistic), float(result.pvalue)
 
