@@ -84,7 +84,7 @@ def test_plan_prints_every_trial_and_runs_nothing(tmp_path):
     assert len(rows) == 39
     row = next(r for r in rows if "-c4-d20-s0 " in r).split(" | ")
     assert row[1:5] == ["DIET free W (C4)", "d = 20", "0", "synthetic-diet-c4"]
-    assert row[5] == "data.dim=20" and int(row[6].rstrip(" |")) == 2 * 3000
+    assert row[5] == "data.dim=20" and int(row[6].rstrip(" |")) == 2 * 2500
     assert "39 trials" in out.stdout
     assert not (tmp_path / "sw").exists() and not (tmp_path / "mlruns").exists()
     assert plan_table(build_reproduce_plan(quick=True, storage=str(tmp_path))).count("| reproduce-synthetic") == 8

@@ -44,7 +44,7 @@ AXES = ["arm", "data.num_instances", "data.dim", "data.num_classes", "data.kappa
         "data.conditional"]
 DEFAULTS = {"data.num_instances": 1000, "data.dim": 5, "data.num_classes": 100, "data.kappa": 10.0,
             "data.cluster_marginal": "uniform", "data.conditional": "vmf"}
-ARM_STEPS = {"supervised": 5000, "diet-unit": 3000, "diet-free": 3000}  # each arm's preset steps
+ARM_STEPS = {"supervised": 3000, "diet-unit": 2500, "diet-free": 2500}  # each arm's preset steps
 QUICK_STEPS = 150
 DEFAULT_SEEDS = 5
 QUICK_SEEDS = 1
