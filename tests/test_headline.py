@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import run_linrep
 
-BETA_TOLERANCE = 0.15  # β within 15 % of κ (measured 9.3 at step 2,000)
+BETA_TOLERANCE = 0.15  # β within 15 % of κ (measured 9.52 at κ = 10)
 
 
 def final_figures(tmp_path, experiment: str) -> dict[str, float]:
@@ -51,15 +51,12 @@ def test_diet_recovers_latents_and_cluster_vectors_case_c3(tmp_path):
 
 @pytest.mark.slow
 def test_diet_case_c1_learns_beta_near_kappa(tmp_path):
-    """Theorem 1, C1 (unit-norm f and W, β learned from 5): w_i = O v_C(i) and β -> κ. β and the head
-    settle long before f does (seed 0, lr 1e-2: β 8.9 / 9.3 / 9.4 and R² w->v 0.991 / 0.994 / 0.997 at
-    steps 1,000 / 2,000 / 3,000 while R² z̃->z is still 0.58 / 0.88 / 0.87), so a 2,000-step run checks
-    them; the preset's 6,000 steps bring R² z̃->z to 0.997 (README)."""
-    out = run_linrep(["train", "synthetic-diet-c1", "optim.steps=2000", "run.checkpoint_every=1000"],
-                     cwd=tmp_path, timeout=1500)
+    """Theorem 1, C1 (unit-norm f and W, β learned from 5): f∘g = O, w_i = O v_C(i) and β -> κ."""
+    out = run_linrep(["train", "synthetic-diet-c1", "run.checkpoint_every=1000"], cwd=tmp_path, timeout=1500)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     figs = final_figures(tmp_path, "synthetic")
-    print("DIET C1 κ=10, 2,000 steps:", figs)
+    print("DIET C1 κ=10:", figs)
+    assert figs["probe/r2_linear"] >= 0.98 and figs["probe/sv_mae"] <= 0.05      # f∘g = O
     assert abs(figs["probe/beta"] - 10.0) <= BETA_TOLERANCE * 10.0, figs["probe/beta"]
     assert figs["probe/r2_w_linear"] >= 0.99 and figs["probe/sv_mae_w"] <= 0.05   # w_i = O v_C(i)
 
@@ -68,7 +65,8 @@ def test_diet_case_c1_learns_beta_near_kappa(tmp_path):
 def test_dsprites_mlp_classifier_features_decode_the_factors(tmp_path):
     """docs/science.md 4.2 on the full 737,280-image dSprites (generated here, ~2.6 min on 2 cores), the
     paper's recipe (`dislib-dsprites-mlp`: Adam 1e-3, batch 4096) on 2 DeepSpeed workers, capped at
-    2 epochs (300 steps) for CI; the preset's own stop (val/acc > 0.999) comes at ~600 steps."""
+    2 epochs (300 steps) for CI, probed once at the end; the preset's own stop (val/acc > 0.999) comes
+    at ~600 steps."""
     from mlflow.tracking import MlflowClient
 
     from trainer.data.convert.dsprites import generate_dsprites
@@ -78,13 +76,15 @@ def test_dsprites_mlp_classifier_features_decode_the_factors(tmp_path):
     generate_dsprites(root, seed=0, processes=2, progress=False)
     assert load_manifest(root).num_samples == 737_280
     out = run_linrep(["train", "dislib-dsprites-mlp", f"data.root={root}", "run.workers=2", "optim.steps=300",
-                      "run.checkpoint_every=100"], cwd=tmp_path, timeout=2400)
+                      "run.checkpoint_every=300"], cwd=tmp_path, timeout=2400)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("dislib-dsprites").experiment_id])[0]
     m = run.data.metrics  # the last checkpoint's figures
     print("dSprites MLP:", {k: round(v, 4) for k, v in sorted(m.items()) if k.startswith(("probe/p", "val/"))})
-    assert m["val/acc"] >= 0.94                                        # the issue's bar (shape)
+    assert m["val/acc"] >= 0.94                                        # the shape classifier itself
+    # the paper's 0.94 for shape is the Pearson r of its linear decoder (integer code), pixels 0.26
+    assert m["probe/pearson/shape"] > m["probe/pearson_pixels/shape"]
     assert m["probe/pearson/scale"] >= 0.95                            # paper: 0.98
     assert m["probe/pearson/scale"] > m["probe/pearson_pixels/scale"]  # above the raw-pixel baseline
     assert m["probe/pearson/posX"] >= 0.95 and m["probe/pearson/posY"] >= 0.95  # paper: 0.97 / 0.97
