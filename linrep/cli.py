@@ -3,7 +3,7 @@
     linrep train PRESET|FILE [key.sub=value ...]   train (+ probe actor) through Ray Train
     linrep probe RUN_ID | probe imagenetx ...      re-probe a run's checkpoints / ImageNet-X probe
     linrep sweep SPEC [key=value ...]              Ray Tune sweep over copies of a base config
-    linrep reproduce synthetic [--quick]           the paper's synthetic ablations
+    linrep reproduce synthetic [--quick] [--plan] the paper's synthetic ablations
     linrep reproduce imagenetx --shards DIR ...    the paper's ImageNet-X figure 3
     linrep data dsprites|convert|imagenet ...      write WebDataset shards + manifest
     linrep submit -- COMMAND ... / linrep jobs     Ray Jobs on a cluster
@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--quick", action="store_true", help="the CI-sized grid")
     rp.add_argument("--budget", type=float, default=1.0, help="scale the step budget (e.g. 10 on a cluster)")
     rp.add_argument("--seeds", type=int, default=None)
+    rp.add_argument("--plan", action="store_true", help="print every trial (arm, row, overrides, steps) and run nothing")
     rp.add_argument("--address", default=None)
     rp.add_argument("--storage", default=None, help="where sweep folders live: a local folder or a URI such as s3://bucket/linrep/sweeps (default: <run.storage or $LINREP_STORAGE>/sweeps)")
     from tune.reproduce_imagenetx import add_imagenetx_arguments  # argparse only: no torch at --help

@@ -69,9 +69,15 @@ def heldout_r2(x: Tensor, y: Tensor, *, intercept: bool = True, seed: int = 0) -
     return r2_score(y[score_idx], fit.predict(x[score_idx])), fit
 
 
-def singular_value_mae(weight: Tensor, *, rescale: bool) -> float:
-    """Mean |σ_i - 1| of a map's singular values (after dividing by their mean when `rescale`)."""
+def singular_value_mae(weight: Tensor, *, scale: float | None = None) -> float:
+    """Mean |σ_i - scale| of a map's singular values: how far it is from `scale` x an orthogonal map.
+
+    `scale` is what the theory predicts (the public code's `scaler`: orthogonal_linear_disentanglement
+    compares the z̃->z map with 1/κ and the w->v map with 1). None: the case predicts no scale, so the
+    singular values are divided by their mean first and compared with 1 (a scaled-orthogonal map
+    scores 0, whatever its scale).
+    """
     s = torch.linalg.svdvals(weight.double())
-    if rescale:
-        s = s / s.mean().clamp(min=1e-12)
-    return float((s - 1).abs().mean())
+    if scale is None:
+        return float((s / s.mean().clamp(min=1e-12) - 1).abs().mean())
+    return float((s - scale).abs().mean())

@@ -29,10 +29,10 @@ def test_overrides_apply_and_parse_types():
     assert cfg.model.hidden == [8, 8]
 
 
-def test_diet_preset_is_case_c1_with_instances():
-    cfg = load_config("synthetic-diet")
+def test_diet_preset_is_the_public_scripts_case_c3_with_instances():
+    cfg = load_config("synthetic-diet")  # train_selfsup.sh --normalize-rows-W: f(x) free, rows of W unit-norm, β = 1
     assert cfg.data.labels == "instance" and cfg.data.num_instances == 1000
-    assert cfg.unit_features and cfg.unit_weights
+    assert not cfg.unit_features and cfg.unit_weights and cfg.model.temperature == 1.0
 
 
 def test_flatten_and_fingerprint():

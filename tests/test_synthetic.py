@@ -79,3 +79,45 @@ def test_same_seed_same_data_and_instance_labels():
     assert not torch.equal(a.x, c.x)
     assert torch.equal(a.cls, a.instance % 30)
     assert int(a.target.max()) < 300
+
+
+def public_marginal_reference(marginal: str, n: int, d: int, seed: int) -> np.ndarray:
+    """The public code's cluster-vector marginals (simulation/main_diet.py `--m-p 1/2`, spaces.NSphereSpace):
+    e1 plus Laplace(0, 1) or Normal(0, 1) noise in every coordinate, projected to the sphere; numpy, so
+    it shares nothing with the sampler under test."""
+    rng = np.random.default_rng(seed)
+    noise = rng.laplace(0.0, 1.0, (n, d)) if marginal == "laplace" else rng.normal(0.0, 1.0, (n, d))
+    x = noise
+    x[:, 0] += 1.0
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def marginal_statistics(v: np.ndarray) -> np.ndarray:
+    """E[v1], E[v1²], E[|v2|], P(v1 > 0.9): they separate uniform, Laplace and Normal around e1."""
+    return np.array([v[:, 0].mean(), (v[:, 0] ** 2).mean(), np.abs(v[:, 1]).mean(), (v[:, 0] > 0.9).mean()])
+
+
+@pytest.mark.parametrize("marginal", ["laplace", "normal"])
+def test_cluster_marginal_matches_the_public_definition(marginal):
+    """200,000 draws of the sampler against a numpy draw of the public code's definition: every statistic
+    within 6 standard errors of their difference (each statistic's sd <= 0.5: 6 * 0.5 * sqrt(2/200k) = 0.0095),
+    and clearly apart from the other marginal's."""
+    from trainer.data.synthetic import sample_cluster_vectors
+
+    n, d = 200_000, 5
+    data = DataConfig(cluster_marginal=marginal, num_classes=n, dim=d)
+    ours = marginal_statistics(sample_cluster_vectors(data, make_generator([7])).double().numpy())
+    ref = marginal_statistics(public_marginal_reference(marginal, n, d, seed=8))
+    other = marginal_statistics(public_marginal_reference("normal" if marginal == "laplace" else "laplace", n, d, 9))
+    assert np.abs(ours - ref).max() < 0.0095, (ours, ref)
+    assert np.abs(ours - other).max() > 0.03, (ours, other)
+
+
+def test_uniform_cluster_marginal_has_the_sphere_moments():
+    """Uniform on S^{d-1}: E[v_i] = 0 and E[v_i²] = 1/d for every coordinate (200,000 draws, 6 s.e.)."""
+    from trainer.data.synthetic import sample_cluster_vectors
+
+    n, d = 200_000, 5
+    v = sample_cluster_vectors(DataConfig(num_classes=n, dim=d), make_generator([3])).double().numpy()
+    assert np.abs(v.mean(0)).max() < 6 * np.sqrt(1 / d / n)
+    assert np.abs((v ** 2).mean(0) - 1 / d).max() < 6 * 0.2 / np.sqrt(n)
