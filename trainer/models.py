@@ -124,7 +124,7 @@ class Classifier(nn.Module):
 
     @property
     def temperature(self) -> float:
-        return float(self.log_beta.exp())
+        return float(self.log_beta.detach().exp())  # float() of a tensor that requires grad warns
 
     def features(self, x: Tensor) -> Tensor:
         """f(x) [B, p], unit-norm in cases C1/C2."""

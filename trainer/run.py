@@ -23,7 +23,7 @@ from trainer.errors import UserError
 from trainer.loop import LoopContext, train_loop_per_worker
 from trainer.storage import Location, contained, locate
 from trainer.safe_load import check_resume_checkpoint
-from trainer import tracking
+from trainer import progress, tracking
 from trainer.ray_private import use_single_machine_mode
 
 
@@ -194,6 +194,8 @@ def init_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     check_ray_address(address)
+    console = progress.start_session()  # before ray.init: what Ray's start-up prints goes to the log
+    # log_to_driver stays on: the workers' progress lines ride on that stream (trainer/progress.py)
     kwargs: dict[str, Any] = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
     try:
         if address:
@@ -204,6 +206,7 @@ def init_ray(address: str | None = None) -> None:
     except (ConnectionError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else err.__class__.__name__
         raise UserError(f"cannot reach Ray at {address or 'local'}: {first}") from None
+    console.capture_ray()
 
 
 def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | None = None):
@@ -250,7 +253,28 @@ def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = 
     trainer = make_trainer(handle, probe_actor, callbacks)
     # Ray Train passes this variable from the driver to the controller it starts (here or on a cluster)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(handle.cfg.run.report_poll_s)
-    result = trainer.fit()
-    err = getattr(result, "error", None)
+    console = progress.current_session()  # None inside a sweep's trial: the sweep's driver shows it
+    if console:
+        console.attach_run(handle.run_dir)
+    failed = True
+    try:
+        result = trainer.fit()
+        err = getattr(result, "error", None)
+        failed = err is not None
+    finally:
+        if console:
+            console.end_run(failed)
+            save_log(handle, console.log.path)
     ckpt = result.checkpoint.path if result.checkpoint else None
     return RunResult(handle, dict(result.metrics or {}), ckpt, error=str(err) if err else None)
+
+
+def save_log(handle: RunHandle, path: Path) -> None:
+    """The run's log file as an MLflow artifact (logs/linrep.log); an outage costs only the copy."""
+    if not handle.run_id or not path.exists():
+        return
+    try:
+        tracking.log_artifact(handle.tracking_uri, handle.run_id, path, "logs")
+    except Exception as err:
+        print(f"warning: the log {path} was not copied to MLflow run {handle.run_id}: "
+              f"{err.__class__.__name__}", file=sys.stderr, flush=True)
