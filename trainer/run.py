@@ -30,6 +30,7 @@ from trainer.ray_private import use_single_machine_mode
 # On a cluster the default ./ray_results would land in a job's temporary working directory:
 # LINREP_STORAGE (shared storage, e.g. /mnt/shared/linrep) replaces the default there.
 DEFAULT_STORAGE = RunConfig.model_fields["storage"].default
+PROBE_WEIGHTS_TAG = "linrep.probe_weights"
 LOOPBACK = "127.0.0.1"  # a local Ray's node address: nothing it starts listens elsewhere
 
 
@@ -93,6 +94,10 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
         uri = tracking_uri or tracking.resolve_uri(cfg.tracking)
         tracking.check_reachable(uri)
         run_id = tracking.open_run(cfg, uri, run_key, parent_run_id=parent_run_id)
+        if cfg.optim.ema_decay is not None:  # the probe figures are the EMA's, not the live weights'
+            tracking.set_tags(uri, run_id, {PROBE_WEIGHTS_TAG: f"ema (optim.ema_decay={cfg.optim.ema_decay:g})"})
+    if cfg.optim.ema_decay is not None:
+        print(f"[linrep] probes read the EMA of the weights (optim.ema_decay={cfg.optim.ema_decay:g})", flush=True)
     return RunHandle(cfg, run_key, run_dir, uri, run_id)
 
 
