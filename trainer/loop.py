@@ -105,8 +105,9 @@ def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: di
 class Progress:
     """Rank 0's progress events: step, loss, accuracy, throughput and the latest probe figure."""
 
-    def __init__(self, cfg: Config, probe_actor: Any):
+    def __init__(self, cfg: Config, probe_actor: Any, run: str = ""):
         self.total = cfg.optim.steps
+        self.run = run  # the run folder's name: a sweep's table has one row per run
         self.actor = probe_actor
         self.pending = None
         self.latest: dict[str, float] = {}
@@ -133,7 +134,7 @@ class Progress:
     def line(self, step: int, m: dict[str, float]) -> None:
         """One step event for the driver's display (trainer/progress.py renders it)."""
         self._poll_probe()
-        event = {"step": step, "total": self.total, "loss": m["train/loss"], "acc": m["train/acc"],
+        event = {"run": self.run, "step": step, "total": self.total, "loss": m["train/loss"], "acc": m["train/acc"],
                  "samples_per_s": m["train/samples_per_s"]}
         key = next((k for k in ("probe/r2_affine", "val/acc") if k in self.latest), None)
         if key:  # the latest probe figure, from the checkpoint it was computed on
@@ -151,7 +152,7 @@ def stop_reached(stop_at: dict[str, float], figures: dict[str, float]) -> str:
 def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContext, rank: int,
           logger: MetricLogger | None) -> None:
     run, optim = cfg.run, cfg.optim
-    progress = Progress(cfg, ctx.probe_actor) if rank == 0 else None
+    progress = Progress(cfg, ctx.probe_actor, locate(ctx.run_dir).name) if rank == 0 else None
     engine.train()
     loss_sum = acc_sum = 0.0
     n_since = 0

@@ -156,6 +156,49 @@ class BarDisplay(PlainDisplay):
             self.bar = None
 
 
+class SweepBoard:
+    """A sweep's live table of trials, from their step events: one row per trial (running, or
+    finished once its last step is in). On a terminal the table is redrawn in place (at most twice a
+    second); otherwise it is printed as plain lines every PLAIN_EVERY_S seconds. Trial events
+    (started, finished with its figure, stopped early, failed) are the sweep's own lines."""
+
+    def __init__(self, out: TextIO, is_tty: bool, every_s: float):
+        self.out, self.is_tty = out, is_tty
+        self.every_s = 0.5 if is_tty else every_s
+        self.rows: dict[str, dict] = {}
+        self.last_draw = -float("inf")
+        self.drawn_lines = 0
+
+    def __call__(self, event: dict) -> None:
+        if event.get("kind") != "step" or not event.get("run"):
+            return
+        self.rows[event["run"]] = event
+        now = time.monotonic()
+        if now - self.last_draw >= self.every_s:
+            self.last_draw = now
+            self.draw()
+
+    def table(self) -> list[str]:
+        running = [r for r in self.rows.values() if r["step"] < r["total"]]
+        finished = [r for r in self.rows.values() if r["step"] >= r["total"]]
+        width = max((len(r["run"]) for r in self.rows.values()), default=5)
+        lines = [f"[sweep] trials: {len(running)} running, {len(finished)} finished"]
+        for state, rows in (("running", running), ("finished", finished)):
+            for r in sorted(rows, key=lambda r: r["run"]):
+                probe = probe_text(r)
+                lines.append(f"  {r['run']:<{width}}  {state:<8}  step {r['step']}/{r['total']}  "
+                             f"loss {r['loss']:.4f}  acc {r['acc']:.3f}" + (f"  {probe}" if probe else ""))
+        return lines
+
+    def draw(self) -> None:
+        lines = self.table()
+        if self.is_tty and self.drawn_lines:
+            self.out.write(f"\x1b[{self.drawn_lines}F\x1b[J")  # back to the table's first line, clear below
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
+        self.drawn_lines = len(lines) if self.is_tty else 0
+
+
 # ---- the session -------------------------------------------------------------------------------
 class LogFile:
     """The log file every routed line goes to; `move_to` continues it in another local file."""
@@ -293,8 +336,11 @@ class Session:
                 listener(event)
             if event.get("kind") == "step" and not self.listeners:
                 self.display.step(event)
-            elif event.get("kind") == "note" and not self.listeners:
-                self.display.note(event["text"])
+            elif event.get("kind") == "note":
+                if self.listeners:  # a sweep: a trial's notes (resumed from ...) go to the log
+                    self.log.write(f"[linrep] {event.get('run', '')} {event['text']}\n")
+                else:
+                    self.display.note(event["text"])
         except Exception as err:  # a display fault must never stop Ray's log thread
             self.log.write(f"[linrep] display error: {err.__class__.__name__}: {err}\n")
 
@@ -337,3 +383,18 @@ def start_session(verbose: bool | None = None) -> Session:
 
 def current_session() -> Session | None:
     return _SESSION
+
+
+def watch_sweep(sweep_dir) -> SweepBoard | None:
+    """The sweep's table of trials on this driver's console; the log moves to <sweep folder>/linrep.log."""
+    session = current_session()
+    if session is None:
+        return None
+    board = SweepBoard(session.console, session.is_tty, session.display.every_s)
+    session.listeners.append(board)
+    if sweep_dir.is_local:
+        session.log.move_to(sweep_dir.local_path / LOG_NAME)
+        if session._saved_fd2 is not None:
+            os.dup2(session.log.fileno(), 2)
+    session.console.write(f"[linrep] log (Ray and library messages): {session.log.path}\n")
+    return board
