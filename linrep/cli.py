@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_imagenetx_arguments(rp)
     rp.set_defaults(func=cmd_reproduce)
 
+    for q in (t, sw, rp):  # Ray's and libraries' messages go to the run's log file unless --verbose
+        q.add_argument("--verbose", action="store_true", help="also show Ray's and libraries' messages")
+
     b = sub.add_parser("bench", help="benchmarks (identifiability, overhead, streaming, scaling, probes, sweep)")
     b.add_argument("names", nargs="*")
     b.add_argument("--out", default="results/bench", help="folder for the JSON results")
@@ -259,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["LINREP_VERBOSE"] = "1"  # read by trainer/progress.py
     try:
         return int(args.func(args) or 0)
     except (UserError, RuntimeFault) as err:

@@ -2,6 +2,7 @@
 
 Layout of a checkpoint directory:
     model.pt        the classifier's state_dict (fp32), loadable with torch.load(weights_only=True)
+    model_ema.pt    optim.ema_decay: the EMA of the weights (fp32); probes read it instead of model.pt
     train_state.pt  optimiser/scheduler state (torch engine)   |  ds/  DeepSpeed shards (deepspeed)
     config.yaml     the resolved config
     meta.json       step, samples seen, num_outputs, input spec, data signature — written LAST, so a
@@ -20,7 +21,7 @@ import torch
 import yaml
 
 from trainer.config import Config, ConfigError, from_dict, save_config
-from trainer.engine import MODEL_FILE, world_rank
+from trainer.engine import EMA_FILE, MODEL_FILE, world_rank
 from trainer.errors import UserError
 from trainer.files import write_json_atomic
 from trainer.safe_load import UnsafeCheckpointFile, load_file
@@ -114,8 +115,9 @@ def load_classifier(directory: Where, device: str | torch.device = "cpu") -> tup
         if not where.is_dir():
             raise UserError(f"checkpoint {where} is not a directory")
         with tempfile.TemporaryDirectory(prefix="linrep-probe-") as tmp:
+            ema = [EMA_FILE] if EMA_FILE in where.files() else []
             try:
-                local = where.download_files([META_FILE, CONFIG_FILE, MODEL_FILE], tmp)
+                local = where.download_files([META_FILE, CONFIG_FILE, MODEL_FILE, *ema], tmp)
             except FileNotFoundError as err:
                 raise UserError(f"checkpoint {where}: {Path(str(err)).name} is missing") from None
             return load_classifier(local, device)
@@ -126,13 +128,18 @@ def load_classifier(directory: Where, device: str | torch.device = "cpu") -> tup
     cfg = read_config(directory)
     spec = InputSpec(**meta.get("input_spec", {}))
     model = build_classifier(cfg, spec, int(meta["num_outputs"]))
-    state = load_state_dict(directory / MODEL_FILE)
+    state = load_state_dict(directory / probe_weights_file(directory))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise UserError(f"checkpoint {directory}: weights do not fit model.encoder={cfg.model.encoder} "
                         f"({str(err).splitlines()[0][:120]})") from None
     return model.to(device).eval(), cfg, meta
+
+
+def probe_weights_file(directory: Path) -> str:
+    """The weights a probe reads: the EMA's when the checkpoint has one (optim.ema_decay), else model.pt."""
+    return EMA_FILE if (directory / EMA_FILE).is_file() else MODEL_FILE
 
 
 def load_encoder(directory: Where, device: str | torch.device = "cpu"):

@@ -131,6 +131,11 @@ class DataConfig(_Section):
     """ImageNet: 1000 classes, 100 metaclasses (imagenet-x mapping) or binary (class < 500)."""
     image_size: int = Field(64, ge=8, le=1024)
     """Image datasets: side of the square input images fed to the model."""
+    auto_augment: str | None = None
+    """ImageNet training: timm's auto-augment policy string, e.g. rand-m9-mstd0.5-inc1 (RandAugment);
+    None = off."""
+    random_erasing: float = Field(0.0, ge=0, le=1)
+    """ImageNet training: probability of timm's random erasing per image (0 = off)."""
     shuffle_buffer: int = Field(5000, ge=0)
     """Image datasets: WebDataset shuffle buffer (samples) per loader process."""
     loader_workers: int = Field(1, ge=0, le=64)
@@ -169,6 +174,8 @@ class ModelConfig(_Section):
     """timm encoders: load pretrained weights (needs the weights on this machine)."""
     drop_rate: float = Field(0.0, ge=0, lt=1)
     """timm encoders: dropout before the (removed) classifier."""
+    drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    """timm encoders: stochastic depth (drop-path) rate of the deepest block (timm's drop_path_rate)."""
 
 
 class OptimConfig(_Section):
@@ -197,7 +204,12 @@ class OptimConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     """Cross-entropy label smoothing."""
     mixup: float = Field(0.0, ge=0)
-    """Mixup alpha for image datasets (0 = off)."""
+    """Mixup alpha for image datasets (0 = off); with cutmix > 0 timm's Mixup picks one per batch."""
+    cutmix: float = Field(0.0, ge=0)
+    """CutMix alpha for image datasets (0 = off)."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Keep an EMA of the weights (timm's ModelEmaV3, fp32) with this decay, e.g. 0.99996; None = off.
+    Checkpointed (model_ema.pt) and resumed; probes then read the EMA weights."""
     engine: Literal["ddp", "deepspeed"] = "ddp"
     """Distributed engine: torch DDP (light, for small synthetic models) or DeepSpeed."""
     zero_stage: int = Field(0, ge=0, le=2)

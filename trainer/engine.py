@@ -25,19 +25,90 @@ from trainer.errors import UserError
 from trainer.safe_load import UnsafeCheckpointFile, load_file
 
 MODEL_FILE = "model.pt"
+EMA_FILE = "model_ema.pt"  # optim.ema_decay: the EMA weights (fp32), what probes read when present
 STATE_FILE = "train_state.pt"
 DS_TAG = "ds"
 
 
-def make_optimizer(params, optim: OptimConfig, *, fused: bool = False) -> torch.optim.Optimizer:
-    """The configured optimiser. fused=True: Adam/AdamW's single-kernel update (CPU and CUDA), which
-    for the small synthetic models is ~3x faster than the per-parameter loop (profiled: ~10 % of a
-    CPU step). The update is the same arithmetic; only its grouping into kernels differs."""
-    if optim.name == "sgd":
-        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-                               nesterov=True)
-    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=optim.lr, weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
+def make_optimizer(model_or_params, optim: OptimConfig, *, fused: bool = False) -> torch.optim.Optimizer:
+    """The configured optimiser, by timm's factory (create_optimizer_v2).
+
+    Given a module, timm splits its parameters into two groups: weight decay on the weights of
+    linear/conv layers (and the head W), none on biases, norm layers, any other 1-d or 0-d
+    parameter (the learned temperature log β) nor on the names the module lists in
+    no_weight_decay() (a ViT's position embedding and class token; Classifier forwards its
+    encoder's). sgd is timm's: Nesterov momentum. fused=True: Adam/AdamW's single-kernel update (CPU
+    and CUDA), which for the small synthetic models is ~3x faster than the per-parameter loop
+    (profiled: ~10 % of a CPU step). The update is the same arithmetic; only its grouping into
+    kernels differs."""
+    from timm.optim import create_optimizer_v2
+
+    extra = {"fused": True} if fused and optim.name != "sgd" else {}
+    return create_optimizer_v2(model_or_params, opt=optim.name, lr=optim.lr, weight_decay=optim.weight_decay,
+                               momentum=optim.momentum, **extra)
+
+
+class PerUpdateSchedule:
+    """timm's scheduler stepped once per optimiser update (timm's step_update), behind the
+    step() / state_dict() / load_state_dict() that DeepSpeed and the torch engine call."""
+
+    def __init__(self, scheduler: Any):
+        self.timm = scheduler
+        self.updates = 0
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        self.updates += 1
+        self.timm.step_update(self.updates)
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.timm.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # a checkpoint written before the timm schedule holds LambdaLR's state: its last_epoch
+        self.updates = int(state.get("updates", state.get("last_epoch", 0)))
+        self.timm.step_update(self.updates)
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, optim: OptimConfig) -> PerUpdateSchedule:
+    """timm's scheduler (create_scheduler_v2), per update: linear warm-up over optim.warmup_steps
+    from lr/warmup_steps, then constant or a cosine to min_lr_ratio * lr over the remaining steps
+    (warmup_prefix: the cosine starts where the warm-up ends). lr_factor is its closed form."""
+    from timm.scheduler import create_scheduler_v2
+
+    warmup = optim.warmup_steps
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=optim.schedule, num_epochs=max(1, optim.steps - warmup), warmup_epochs=warmup,
+        warmup_prefix=True, warmup_lr=optim.lr / max(1, warmup), min_lr=optim.lr * optim.min_lr_ratio,
+        step_on_epochs=False, updates_per_epoch=1)
+    return PerUpdateSchedule(scheduler)
+
+
+def make_ema(module: nn.Module, optim: OptimConfig):
+    """timm's ModelEmaV3 of `module` in fp32 (a bf16 EMA cannot hold (1 - decay) * update), or None."""
+    if optim.ema_decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(module, decay=optim.ema_decay, dtype=torch.float32)
+
+
+def save_ema(ema, directory: Path) -> None:
+    if ema is not None and world_rank() == 0:
+        torch.save(ema.module.state_dict(), directory / EMA_FILE)
+
+
+def load_ema(ema, directory: Path, module: nn.Module) -> None:
+    """Resume the EMA; a checkpoint without one (EMA switched on later) starts it from the weights."""
+    if ema is None:
+        return
+    if (directory / EMA_FILE).exists():
+        device = next(ema.module.parameters()).device
+        ema.module.load_state_dict(load_file(directory / EMA_FILE, map_location=device))
+    else:
+        ema.set(module)
 
 
 def can_fuse(module: nn.Module, device: torch.device) -> bool:
@@ -57,9 +128,11 @@ def autocast_dtype(optim: OptimConfig, device: torch.device) -> torch.dtype | No
 
 
 def lr_factor(step: int, optim: OptimConfig) -> float:
-    """Multiplier of the peak lr at `step`: linear warm-up, then constant or cosine to min_lr_ratio."""
+    """Multiplier of the peak lr at `step`, the closed form of make_lr_schedule (timm's): linear
+    warm-up from 1/warmup_steps, then constant or cosine to min_lr_ratio."""
     if step < optim.warmup_steps:
-        return (step + 1) / optim.warmup_steps
+        first = 1 / optim.warmup_steps
+        return first + step * (1 - first) / optim.warmup_steps
     if optim.schedule == "constant":
         return 1.0
     progress = (step - optim.warmup_steps) / max(1, optim.steps - optim.warmup_steps)
@@ -111,9 +184,10 @@ class TorchEngine:
             # 2 CPU processes). Each rank keeps its own running statistics instead; they only matter
             # in eval mode, and checkpoints hold rank 0's.
             self.wrapped = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, broadcast_buffers=False)
-        self.optimizer = make_optimizer(self.module.parameters(), optim, fused=can_fuse(self.module, device))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, optim))
+        self.optimizer = make_optimizer(self.module, optim, fused=can_fuse(self.module, device))
+        self.scheduler = make_lr_schedule(self.optimizer, optim)
         self.autocast = autocast_dtype(optim, device)
+        self.ema = make_ema(self.module, optim)
 
     def train(self, mode: bool = True):
         self.wrapped.train(mode)
@@ -134,6 +208,8 @@ class TorchEngine:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.module, step=self.scheduler.updates)
 
     @property
     def lr(self) -> float:
@@ -145,6 +221,7 @@ class TorchEngine:
             torch.save(self.module.state_dict(), directory / MODEL_FILE)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "client": client_state}, directory / STATE_FILE)
+        save_ema(self.ema, directory)
 
     def load(self, directory: Path) -> dict[str, Any]:
         with refusing_unsafe(directory):
@@ -153,6 +230,8 @@ class TorchEngine:
         self.module.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        with refusing_unsafe(directory):
+            load_ema(self.ema, directory, self.module)
         return state["client"]
 
 
@@ -206,8 +285,11 @@ class DeepSpeedEngine:
         self.channels_last = channels_last
         self.module = model.to(device)
         self.device = device
-        optimizer = make_optimizer(self.module.parameters(), optim)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim))
+        # timm's optimiser (its no-decay groups) and schedule, handed to DeepSpeed as the client's
+        optimizer = make_optimizer(self.module, optim)
+        scheduler = make_lr_schedule(optimizer, optim)
+        self.ema = make_ema(self.module, optim)  # fp32, copied before DeepSpeed casts the module to bf16
+        self.grad_accum, self.micro_steps = optim.grad_accum, 0
         ds_config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": optim.grad_accum,
@@ -245,6 +327,9 @@ class DeepSpeedEngine:
 
     def step(self) -> None:
         self.ds.step()  # applies the optimiser (and the lr schedule) at accumulation boundaries
+        self.micro_steps += 1
+        if self.ema is not None and self.micro_steps % self.grad_accum == 0:
+            self.ema.update(self.ds.module, step=self.micro_steps // self.grad_accum)
 
     @property
     def lr(self) -> float:
@@ -256,10 +341,13 @@ class DeepSpeedEngine:
         if world_rank() == 0:
             state = {k: v.float() if v.is_floating_point() else v for k, v in self.ds.module.state_dict().items()}
             torch.save(state, directory / MODEL_FILE)
+        save_ema(self.ema, directory)
 
     def load(self, directory: Path) -> dict[str, Any]:
         with refusing_unsafe(directory):
             _, client_state = self.ds.load_checkpoint(str(directory), tag=DS_TAG)
+            load_ema(self.ema, directory, self.ds.module)
+        self.micro_steps = self.ds.global_steps * self.grad_accum
         return client_state or {}
 
 

@@ -24,6 +24,7 @@ from trainer.config import Config, from_dict
 from trainer.data.sources import TrainData, create_train_data
 from trainer.engine import rank0_decides, setup_engine
 from trainer.models import build_classifier
+from trainer.progress import emit
 from trainer.storage import Location, locate
 from trainer.tracking import MetricLogger
 
@@ -102,10 +103,11 @@ def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: di
 
 
 class Progress:
-    """Rank 0's console line: step, loss, accuracy, throughput and the latest probe figure."""
+    """Rank 0's progress events: step, loss, accuracy, throughput and the latest probe figure."""
 
-    def __init__(self, cfg: Config, probe_actor: Any):
+    def __init__(self, cfg: Config, probe_actor: Any, run: str = ""):
         self.total = cfg.optim.steps
+        self.run = run  # the run folder's name: a sweep's table has one row per run
         self.actor = probe_actor
         self.pending = None
         self.latest: dict[str, float] = {}
@@ -130,14 +132,14 @@ class Progress:
             self.pending = None
 
     def line(self, step: int, m: dict[str, float]) -> None:
+        """One step event for the driver's display (trainer/progress.py renders it)."""
         self._poll_probe()
-        probe = ""
+        event = {"run": self.run, "step": step, "total": self.total, "loss": m["train/loss"], "acc": m["train/acc"],
+                 "samples_per_s": m["train/samples_per_s"]}
         key = next((k for k in ("probe/r2_affine", "val/acc") if k in self.latest), None)
         if key:  # the latest probe figure, from the checkpoint it was computed on
-            label = "probe r2_affine" if key == "probe/r2_affine" else "val acc"
-            probe = f"  | {label} {self.latest[key]:.4f} @{int(self.latest.get('step', 0))}"
-        print(f"[linrep] step {step}/{self.total}  loss {m['train/loss']:.4f}  acc {m['train/acc']:.3f}  "
-              f"{m['train/samples_per_s']:,.0f} samples/s{probe}", flush=True)
+            event.update(probe_key=key, probe=self.latest[key], probe_step=int(self.latest.get("step", 0)))
+        emit("step", **event)
 
 
 def stop_reached(stop_at: dict[str, float], figures: dict[str, float]) -> str:
@@ -150,7 +152,7 @@ def stop_reached(stop_at: dict[str, float], figures: dict[str, float]) -> str:
 def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContext, rank: int,
           logger: MetricLogger | None) -> None:
     run, optim = cfg.run, cfg.optim
-    progress = Progress(cfg, ctx.probe_actor) if rank == 0 else None
+    progress = Progress(cfg, ctx.probe_actor, locate(ctx.run_dir).name) if rank == 0 else None
     engine.train()
     loss_sum = acc_sum = 0.0
     n_since = 0
@@ -169,7 +171,7 @@ def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContex
             elapsed = time.perf_counter() - t0
             metrics = {"train/loss": loss_sum / n_since, "train/acc": acc_sum / n_since,
                        "train/samples_per_s": n_since * optim.batch_size / max(elapsed, 1e-9),
-                       "train/lr": engine.lr, "train/temperature": float(engine.module.log_beta.exp()),
+                       "train/lr": engine.lr, "train/temperature": engine.module.temperature,
                        **data.stats()}
             if logger:
                 logger.log(metrics, done)
@@ -187,8 +189,8 @@ def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContex
             reached = stop_reached(run.stop_at, latest) if run.stop_at else ""
             if run.stop_at and rank0_decides(bool(reached), engine.device):
                 if rank == 0:
-                    print(f"[linrep] stopping at step {done}: the probe of step {int(latest.get('step', 0))} "
-                          f"reached {reached} (run.stop_at)", flush=True)
+                    emit("note", text=f"stopping at step {done}: the probe of step {int(latest.get('step', 0))} "
+                                      f"reached {reached} (run.stop_at)")
                     if logger:
                         logger.log({"train/stop_reached_step": float(latest.get("step", 0))}, done)
                 break
@@ -230,7 +232,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if start_step:
             logger.resume_from(["train/loss", "train/acc", "train/samples_per_s", "train/lr",
                                 "train/temperature", *data.stats().keys()])
-            print(f"[linrep] resumed from step {start_step}", flush=True)
+            emit("note", text=f"resumed from step {start_step}")
     try:
         train(cfg, engine, data, start_step, ctx, rank, logger)
     finally:

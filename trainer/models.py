@@ -83,6 +83,8 @@ def timm_encoder(name: str, cfg: ModelConfig, spec: InputSpec) -> tuple[nn.Modul
         raise UserError(f"model.encoder={name}: not a linrep encoder ({', '.join(list_encoders())}) "
                         "nor a timm model name")
     kwargs = dict(pretrained=cfg.pretrained, num_classes=0, in_chans=spec.channels, drop_rate=cfg.drop_rate)
+    if cfg.drop_path_rate:  # only when asked: not every timm model takes drop_path_rate
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
     if "vit" in name or "deit" in name:
         kwargs["img_size"] = spec.size
     try:
@@ -122,9 +124,15 @@ class Classifier(nn.Module):
         else:
             self.register_buffer("log_beta", log_beta)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's optimiser factory keeps out of weight decay besides biases and norms (it
+        reads this method): the temperature, and what the encoder lists (a ViT's pos_embed, cls_token)."""
+        inner = getattr(self.encoder, "no_weight_decay", None)
+        return {"log_beta", *(f"encoder.{name}" for name in (inner() if callable(inner) else ()))}
+
     @property
     def temperature(self) -> float:
-        return float(self.log_beta.detach().exp())
+        return float(self.log_beta.detach().exp())  # float() of a tensor that requires grad warns
 
     def features(self, x: Tensor) -> Tensor:
         """f(x) [B, p], unit-norm in cases C1/C2."""

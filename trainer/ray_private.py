@@ -35,6 +35,11 @@ What is used, and why there is no public way to do it in Ray 2.60:
   raylet and every worker to ``*`` (measured: 7 of 10 listeners), and only this mode, in the
   driver and in the processes it starts, keeps them all on loopback (10 of 10). The public
   switch is read once, when ray is imported; the driver may have imported ray already.
+- ``ray._private.ray_logging.global_worker_stdstream_dispatcher`` and its ``ray_print_logs``
+  handler: the driver's consumer of every worker's and actor's output (log_to_driver). The
+  console (trainer/progress.py) replaces it so that progress lines reach the display and Ray's
+  own lines reach the run's log file; Ray's public switches only turn the stream on or off
+  (log_to_driver), and off would leave the driver without the workers' progress.
 
 Ray is imported inside each function: importing this module costs nothing.
 """
@@ -91,6 +96,21 @@ def use_single_machine_mode() -> None:
 
     os.environ[LOCAL_MODE_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+# ---- the driver's stream of worker output ----------------------------------------------------
+WORKER_OUTPUT_HANDLER = "ray_print_logs"  # the name ray.init gives its handler (log_to_driver=True)
+
+
+def route_worker_output(handler: Callable[[dict], None]) -> Callable[[dict], None] | None:
+    """Send the driver's batches of worker output ({"lines", "pid", "ip", "actor_name", ...}) to
+    `handler` instead of Ray's printer; return Ray's printer (None if ray.init had none)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    ray_printer = next((h for name, h in dispatcher.handlers if name == WORKER_OUTPUT_HANDLER), None)
+    dispatcher.remove_handler(WORKER_OUTPUT_HANDLER)
+    dispatcher.add_handler(WORKER_OUTPUT_HANDLER, handler)
+    return ray_printer
 
 
 # ---- job working_dir packaging ------------------------------------------------------------

@@ -23,13 +23,14 @@ from trainer.errors import UserError
 from trainer.loop import LoopContext, train_loop_per_worker
 from trainer.storage import Location, contained, locate
 from trainer.safe_load import check_resume_checkpoint
-from trainer import tracking
+from trainer import progress, tracking
 from trainer.ray_private import use_single_machine_mode
 
 
 # On a cluster the default ./ray_results would land in a job's temporary working directory:
 # LINREP_STORAGE (shared storage, e.g. /mnt/shared/linrep) replaces the default there.
 DEFAULT_STORAGE = RunConfig.model_fields["storage"].default
+PROBE_WEIGHTS_TAG = "linrep.probe_weights"
 LOOPBACK = "127.0.0.1"  # a local Ray's node address: nothing it starts listens elsewhere
 
 
@@ -93,6 +94,10 @@ def prepare_run(cfg: Config, *, parent_run_id: str | None = None, storage: str |
         uri = tracking_uri or tracking.resolve_uri(cfg.tracking)
         tracking.check_reachable(uri)
         run_id = tracking.open_run(cfg, uri, run_key, parent_run_id=parent_run_id)
+        if cfg.optim.ema_decay is not None:  # the probe figures are the EMA's, not the live weights'
+            tracking.set_tags(uri, run_id, {PROBE_WEIGHTS_TAG: f"ema (optim.ema_decay={cfg.optim.ema_decay:g})"})
+    if cfg.optim.ema_decay is not None:
+        print(f"[linrep] probes read the EMA of the weights (optim.ema_decay={cfg.optim.ema_decay:g})", flush=True)
     return RunHandle(cfg, run_key, run_dir, uri, run_id)
 
 
@@ -194,6 +199,8 @@ def init_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     check_ray_address(address)
+    console = progress.start_session()  # before ray.init: what Ray's start-up prints goes to the log
+    # log_to_driver stays on: the workers' progress lines ride on that stream (trainer/progress.py)
     kwargs: dict[str, Any] = dict(log_to_driver=True, configure_logging=True, logging_level="WARNING")
     try:
         if address:
@@ -204,6 +211,7 @@ def init_ray(address: str | None = None) -> None:
     except (ConnectionError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else err.__class__.__name__
         raise UserError(f"cannot reach Ray at {address or 'local'}: {first}") from None
+    console.capture_ray()
 
 
 def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | None = None):
@@ -250,7 +258,28 @@ def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = 
     trainer = make_trainer(handle, probe_actor, callbacks)
     # Ray Train passes this variable from the driver to the controller it starts (here or on a cluster)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(handle.cfg.run.report_poll_s)
-    result = trainer.fit()
-    err = getattr(result, "error", None)
+    console = progress.current_session()  # None inside a sweep's trial: the sweep's driver shows it
+    if console:
+        console.attach_run(handle.run_dir)
+    failed = True
+    try:
+        result = trainer.fit()
+        err = getattr(result, "error", None)
+        failed = err is not None
+    finally:
+        if console:
+            console.end_run(failed)
+            save_log(handle, console.log.path)
     ckpt = result.checkpoint.path if result.checkpoint else None
     return RunResult(handle, dict(result.metrics or {}), ckpt, error=str(err) if err else None)
+
+
+def save_log(handle: RunHandle, path: Path) -> None:
+    """The run's log file as an MLflow artifact (logs/linrep.log); an outage costs only the copy."""
+    if not handle.run_id or not path.exists():
+        return
+    try:
+        tracking.log_artifact(handle.tracking_uri, handle.run_id, path, "logs")
+    except Exception as err:
+        print(f"warning: the log {path} was not copied to MLflow run {handle.run_id}: "
+              f"{err.__class__.__name__}", file=sys.stderr, flush=True)

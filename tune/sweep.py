@@ -402,6 +402,7 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
 
     extra_tables: Summary -> {file name: markdown}, more tables for the parent run (reproduce's layout).
     """
+    from trainer.progress import watch_sweep
     from trainer.run import check_ray_address, cluster_nodes, init_ray
 
     check_ray_address(address)  # before the parent run opens: a bad address leaves nothing RUNNING
@@ -411,6 +412,7 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     if plan.asha:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     init_ray(address)
+    watch_sweep(plan.sweep_dir)  # the live table of trials (trainer/progress.py); Ray's lines go to the log
     # before the parent run opens: a sweep the cluster cannot hold, or a store other nodes cannot
     # reach, is refused with nothing RUNNING; trials get the URI every node reaches
     nodes, driver_ip = cluster_nodes()

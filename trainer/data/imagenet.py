@@ -30,9 +30,6 @@ from trainer.errors import RuntimeFault, UserError
 
 NUM_CLASSES = 1000
 GRANULARITIES = ("1000", "100", "binary")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_CROP_FRACTION = 0.875  # resize to size/0.875, centre-crop size (the usual 256 -> 224)
 
 
 # ---- what the imagenet-x package ships ------------------------------------------------------
@@ -122,15 +119,39 @@ class ImagenetLabels(LabelScheme):
         return self.label_map.to(cls.device)[cls]
 
 
-# ---- evaluation transform (shared by the loader's validation path and the probes) -------------
-def imagenet_eval_transform(image_size: int):
-    """PIL image -> float tensor [3, size, size]: resize to size/0.875, centre crop, normalise."""
+# ---- transforms: timm's factories (resolve_data_config + create_transform) ----------------------
+def imagenet_data_config(image_size: int, encoder: str | None = None, pretrained: bool = False) -> dict:
+    """timm's data config (input size, interpolation, mean/std, crop_pct) for `image_size`.
+
+    The encoder's own pretrained config (e.g. a ViT's mean/std of 0.5 and crop_pct 0.9) only when
+    its pretrained weights are used: a model trained from scratch here has seen timm's defaults
+    (ImageNet mean/std, crop_pct 0.875, bicubic), which is also what probes use."""
+    from timm.data import resolve_data_config
+
+    pretrained_cfg = None
+    if encoder and pretrained:
+        import timm
+
+        if timm.is_model(encoder):
+            pretrained_cfg = timm.models.get_pretrained_cfg(encoder, allow_unregistered=True)
+            pretrained_cfg = pretrained_cfg.to_dict() if pretrained_cfg is not None else None
+    return resolve_data_config({"input_size": (3, image_size, image_size)}, pretrained_cfg=pretrained_cfg)
+
+
+def imagenet_train_transform(data: DataConfig, encoder: str | None = None, pretrained: bool = False):
+    """timm's training transform: random resized crop, flip, data.auto_augment (RandAugment),
+    normalisation, data.random_erasing -> CHW float tensor."""
+    from timm.data import create_transform
+
+    return create_transform(**imagenet_data_config(data.image_size, encoder, pretrained), is_training=True,
+                            auto_augment=data.auto_augment, re_prob=data.random_erasing, re_mode="pixel")
+
+
+def imagenet_eval_transform(image_size: int, encoder: str | None = None, pretrained: bool = False):
+    """PIL image -> float tensor [3, size, size] by timm's eval transform: resize to size/crop_pct,
+    centre crop, normalise (shared by the loader's validation path and the probes)."""
+    from timm.data import create_transform
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.Resize(int(round(image_size / EVAL_CROP_FRACTION)), interpolation=T.InterpolationMode.BILINEAR),
-        T.CenterCrop(image_size),
-        T.Lambda(lambda im: im.convert("RGB")),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    timm_eval = create_transform(**imagenet_data_config(image_size, encoder, pretrained), is_training=False)
+    return T.Compose([T.Lambda(lambda im: im.convert("RGB")), timm_eval])

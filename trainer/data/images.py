@@ -11,17 +11,11 @@ import torch
 
 from trainer.config import Config
 from trainer.data.integrity import verified
+from trainer.data.imagenet import imagenet_train_transform
 from trainer.data.labels import create_label_scheme
 from trainer.data.shards import load_manifest
 from trainer.data.stream import SkipCounter, epoch_batches, make_train_loader
 from trainer.models import InputSpec
-
-
-def imagenet_train_transform(image_size: int):
-    """timm's training transform (random resized crop, flip, normalisation) -> CHW float tensor."""
-    from timm.data import create_transform
-
-    return create_transform(image_size, is_training=True)
 
 
 class ImageTrainData:
@@ -37,7 +31,8 @@ class ImageTrainData:
         self.micro_batch = cfg.optim.batch_size // world_size // cfg.optim.grad_accum
         self.batches_per_epoch = epoch_batches(self.manifest, "train", self.micro_batch, world_size,
                                                cfg.data.max_samples)
-        self.transform = imagenet_train_transform(cfg.data.image_size) if cfg.data.dataset == "imagenet" else None
+        self.transform = (imagenet_train_transform(cfg.data, cfg.model.encoder, cfg.model.pretrained)
+                          if cfg.data.dataset == "imagenet" else None)
         self.mixup = self._make_mixup()
         self.skipped = SkipCounter()  # finished epochs; the running loader counts its own
         self.skipped.add(skipped_at_start)
@@ -45,11 +40,13 @@ class ImageTrainData:
         self.epoch = 0
 
     def _make_mixup(self):
-        if self.cfg.optim.mixup <= 0:
+        """timm's Mixup/CutMix (soft targets, label smoothing folded in), or None when both are off."""
+        optim = self.cfg.optim
+        if optim.mixup <= 0 and optim.cutmix <= 0:
             return None
         from timm.data import Mixup
 
-        return Mixup(mixup_alpha=self.cfg.optim.mixup, label_smoothing=self.cfg.optim.label_smoothing,
+        return Mixup(mixup_alpha=optim.mixup, cutmix_alpha=optim.cutmix, label_smoothing=optim.label_smoothing,
                      num_classes=self.num_outputs)
 
     def batches(self, start_step: int):
