@@ -169,3 +169,27 @@ def test_system_metrics_are_logged_and_the_thread_stops(store):
     left = [t for t in threading.enumerate() if t not in before and t.is_alive()
             and ("SystemMetrics" in t.name or "linrep-" in t.name)]
     assert not left, left
+
+
+def test_sweep_parent_links_its_best_child(tmp_path, sqlite_uri):
+    from tests.test_sweep import _fabricate_trials, plan_of
+    from tune.summary import BEST_CHILD_TAG, NOTE_TAG, publish_summary
+    from tune.sweep import open_sweep
+
+    plan = plan_of(tmp_path, classes=[10, 100], seeds=2)
+    parent = open_sweep(plan, sqlite_uri)
+    # configuration C10 is best on average; within it, seed 1 is the better run
+    finals = {t.key: {"probe/r2_affine": (0.9 if t.values["data.num_classes"] == 10 else 0.8) + 0.01 * t.seed}
+              for t in plan.trials}
+    _fabricate_trials(plan, sqlite_uri, parent, finals)
+    summary, _ = publish_summary(plan, sqlite_uri, parent, out=lambda _: None)
+    best_key = next(t.key for t in plan.trials if t.values["data.num_classes"] == 10 and t.seed == 1)
+    best_id = next(t.run_id for t in summary.trials if t.trial.key == best_key)
+    tags = tracking.get_run(sqlite_uri, parent).tags
+    assert tags[BEST_CHILD_TAG] == best_id and tags["linrep.best_child_run_name"] == best_key
+    exp_id = tracking.ensure_experiment(sqlite_uri, plan.experiment)
+    assert f"[{best_key}](#/experiments/{exp_id}/runs/{best_id})" in tags[NOTE_TAG]
+    import mlflow
+
+    note = mlflow.MlflowClient(sqlite_uri).download_artifacts(parent, "summary/best_child.md", str(tmp_path))
+    assert Path(note).read_text() == tags[NOTE_TAG]
