@@ -124,6 +124,8 @@ def test_final_and_best_models_and_registration(tmp_path, store):
     # registered: the best one, as version 1 of the name asked for; it loads by that name
     assert logged["best"].registered_name == "linrep-classifier" and logged["best"].version == "1"
     assert logged["final"].version is None
+    assert model_logging.log_run_models(uri, run_id, run_dir, cfg, "probe/r2_affine") == {}  # a rerun: no copies
+    assert len(tracking.logged_models(uri, run_id)) == 2
     best = model_logging.load_logged_model(uri, "models:/linrep-classifier/1")
     expected = load_classifier(run_dir / "checkpoint_00000050")[0](batch(cfg.data.dim))
     torch.testing.assert_close(best(batch(cfg.data.dim)), expected)

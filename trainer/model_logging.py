@@ -186,6 +186,12 @@ def log_classifier(uri: str, run_id: str, checkpoint_dir, *, name: str, roles: l
                                          tags=tags, register_as=register_as)
 
 
+def already_logged(uri: str, run_id: str, choice: ModelChoice) -> bool:
+    """The run already has a final model of this checkpoint step (logged by an earlier attempt)."""
+    return any(m["name"] == FINAL_MODEL and m["tags"].get(STEP_TAG) == str(choice.final_step)
+               for m in tracking.logged_models(uri, run_id))
+
+
 def log_run_models(uri: str, run_id: str, run_dir, cfg: Config, best_metric: str | None) -> dict[str, tracking.LoggedModel]:
     """The final classifier and, when another checkpoint scored higher on `best_metric` (the run's
     probe headline), the best one; tracking.register_model registers the best (the final one
@@ -193,6 +199,8 @@ def log_run_models(uri: str, run_id: str, run_dir, cfg: Config, best_metric: str
     scores = dict(tracking.metric_history(uri, run_id, best_metric)) if best_metric else {}
     choice = choose_checkpoints(run_dir, scores)
     if choice is None:
+        return {}
+    if already_logged(uri, run_id, choice):  # a rerun of a finished run: nothing new to log
         return {}
     register = cfg.tracking.register_model
     same = choice.best_step in (None, choice.final_step)
