@@ -167,6 +167,12 @@ def test_system_metrics_are_logged_and_the_thread_stops(store):
     keys = tracking.latest_metrics(uri, run_id)
     assert "system/system_memory_usage_percentage" in keys and "train/loss" in keys
     assert [s for s, _ in tracking.metric_history(uri, run_id, "train/loss")] == [1, 2, 3, 4, 5]
+    # stopped within its first interval (a short training): the sample it took is still logged
+    quick = tracking.start_system_metrics(uri, run_id, interval_s=30)
+    time.sleep(0.3)
+    stored = len(tracking.metric_history(uri, run_id, "system/cpu_utilization_percentage"))
+    quick.stop()
+    assert len(tracking.metric_history(uri, run_id, "system/cpu_utilization_percentage")) == stored + 1
     time.sleep(0.5)
     left = [t for t in threading.enumerate() if t not in before and t.is_alive()
             and ("SystemMetrics" in t.name or "linrep-" in t.name)]

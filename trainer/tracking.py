@@ -411,9 +411,21 @@ class SystemMetrics:
         return self.monitor._process
 
     def stop(self) -> None:
-        stopper = threading.Thread(target=self.monitor.finish, name="linrep-system-metrics-stop", daemon=True)
+        stopper = threading.Thread(target=self._finish, name="linrep-system-metrics-stop", daemon=True)
         stopper.start()
         stopper.join(self.stop_timeout_s)
+
+    def _finish(self) -> None:
+        """MLflow's finish() drops the sample taken since the last publish (a monitor stopped within
+        its first interval logged nothing: seen with a 2-second training on a 1-second interval):
+        publish it as the last step."""
+        self.monitor.finish()
+        if any(m.metrics for m in self.monitor.monitors):
+            try:
+                self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+                self.monitor.mlflow_logger.flush()
+            except Exception:  # the store went away meanwhile: the samples before it are stored
+                pass
 
 
 def start_system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> SystemMetrics | None:
