@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from probes.actor import probe_checkpoint, start_probe_actor
-from trainer import tracking
+from probes.actor import BEST_METRIC, probe_checkpoint, probe_family, start_probe_actor
+from trainer import model_logging, tracking
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import Config
 from trainer.errors import RuntimeFault, UserError
@@ -48,6 +48,7 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
     cfg = handle.cfg
     if handle.run_id:
         tracking.set_tags(handle.tracking_uri, handle.run_id, {RUN_DIR_TAG: str(handle.run_dir)})
+        model_logging.log_run_dataset(handle.tracking_uri, handle.run_id, cfg)
     actor = start_probe_actor(handle.tracking_uri, handle.run_id, cfg) if cfg.probe.enabled else None
     if actor is not None:
         queue_unprobed(handle, actor)
@@ -57,6 +58,7 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
         if result.error:
             raise RuntimeFault(f"training run {handle.run_key} failed: {root_cause(result.error)}")
         history = drain_probes(actor, handle) if actor else {}
+        publish_run(handle)
         status = "FINISHED"
     finally:
         if handle.run_id:
@@ -75,6 +77,19 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
         except Exception:
             final = {}
     return Outcome(handle.run_key, handle.run_id, handle.tracking_uri, handle.run_dir, final, history)
+
+
+def publish_run(handle: RunHandle) -> None:
+    """A finished run's models (final, best by the probe headline), its probe plot: what the MLflow
+    UI shows (trainer/model_logging.py). A failure here warns: the training itself is done."""
+    if not handle.run_id:
+        return
+    try:
+        best_metric = BEST_METRIC[probe_family(handle.cfg)] if handle.cfg.probe.enabled else None
+        model_logging.log_run_outputs(handle.tracking_uri, handle.run_id, handle.run_dir, handle.cfg, best_metric)
+    except Exception as err:
+        print(f"warning: could not log the models of MLflow run {handle.run_id}: "
+              f"{err.__class__.__name__}: {str(err)[:200]}", file=sys.stderr, flush=True)
 
 
 def drain_probes(actor, handle: RunHandle) -> dict[int, dict[str, float]]:

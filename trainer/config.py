@@ -267,11 +267,22 @@ class TrackingConfig(_Section):
     """MLflow experiment; None = synthetic / dislib-<dataset> / imagenet."""
     enabled: bool = True
     """Log to MLflow at all."""
+    # -- what the MLflow UI shows besides params and metrics (trainer/model_logging.py) --
+    register_model: str | None = None
+    """Register the run's best-by-probe classifier (the final one when no probe ran) as a version of
+    this MLflow registered model; None = log the models without registering them."""
+    system_metrics_s: float = Field(10.0, ge=0)
+    """Seconds between samples of CPU, memory and GPU use logged as system/* metrics; 0 = off."""
 
     @field_validator("experiment")
     @classmethod
     def _experiment_is_safe(cls, v):
         return _safe_name(v, experiment=True)
+
+    @field_validator("register_model")
+    @classmethod
+    def _model_name_is_safe(cls, v):
+        return _safe_name(v)
 
 
 class ProbeConfig(_Section):

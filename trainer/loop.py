@@ -26,7 +26,7 @@ from trainer.engine import rank0_decides, setup_engine
 from trainer.models import build_classifier
 from trainer.progress import emit
 from trainer.storage import Location, locate
-from trainer.tracking import MetricLogger
+from trainer.tracking import MetricLogger, start_system_metrics
 
 
 @dataclass
@@ -233,9 +233,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.resume_from(["train/loss", "train/acc", "train/samples_per_s", "train/lr",
                                 "train/temperature", *data.stats().keys()])
             emit("note", text=f"resumed from step {start_step}")
+    system = (start_system_metrics(ctx.tracking_uri, ctx.run_id, cfg.tracking.system_metrics_s)
+              if logger and cfg.tracking.system_metrics_s > 0 else None)  # CPU, memory, GPU: rank 0's node
     try:
         train(cfg, engine, data, start_step, ctx, rank, logger)
     finally:
+        if system:
+            system.stop()
         if logger:
             logger.close()
         sys.stdout.flush()

@@ -7,7 +7,10 @@ imports mlflow; an import-linter contract enforces it):
   `set_status` / `end_run`, `set_tags`;
 - values: `log_params` (batched; params already on the run are kept), `log_metrics` (one step),
   `MetricLogger` (many steps, buffered), `metric_history` / `metric_points` / `latest_metrics`;
-- files: `log_artifact`, `log_text`, `log_figure`, `log_model` (a checkpoint folder).
+- files: `log_artifact`, `log_text`, `log_figure`, `log_model` (a checkpoint folder);
+- what the UI browses (trainer/model_logging.py decides what, this module talks to MLflow):
+  `log_pyfunc_model` (an MLflow 3 logged model, optionally registered), `download_model`,
+  `log_dataset` (a run's input), `start_system_metrics` (CPU, memory, GPU when pynvml is there).
 
 mlflow is imported lazily (workers that never log never import it). The default store is a sqlite
 database ./mlruns/mlflow.db with artifacts under ./mlruns/artifacts; MLFLOW_TRACKING_URI (or
@@ -290,6 +293,150 @@ def log_model(uri: str, run_id: str, checkpoint_dir: Path, artifact_path: str = 
     """A checkpoint folder (weights, config.yaml, meta.json) as the run's model artifacts: the
     folder alone rebuilds the classifier (trainer.checkpoint.load_classifier)."""
     _client(uri).log_artifacts(run_id, str(checkpoint_dir), artifact_path)
+
+
+# ---- what the UI browses: models, datasets, system metrics -------------------------------------
+def _fluent_uri(uri: str):
+    """MLflow's model logging reads the tracking URI from its global state: MLflow's own context
+    sets it for the call and puts back what was there (a sweep's driver talks to one store, a
+    test to several)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    return _use_tracking_uri(uri)
+
+
+@dataclass
+class LoggedModel:
+    """What log_pyfunc_model made: the MLflow 3 logged model and, when asked, its registry version."""
+
+    model_id: str
+    model_uri: str                   # models:/<model_id>
+    registered_name: str | None = None
+    version: str | None = None
+
+
+def log_pyfunc_model(uri: str, run_id: str, data_dir: Path, *, loader_module: str, name: str,
+                     example: tuple[Any, Any], pip_requirements: list[str], step: int = 0,
+                     tags: dict[str, str] | None = None, register_as: str | None = None) -> LoggedModel:
+    """A pyfunc model of the `loader_module` flavour (MLflow imports that installed module and calls
+    its `_load_pyfunc(data_path)`: no python_model pickle, no code from the artifact) holding
+    `data_dir`, as an MLflow 3 logged model of run `run_id` at `step`; its signature is inferred
+    from `example` = (input, output) numpy arrays. register_as: also a version of that registered
+    model."""
+    import mlflow
+    from mlflow.models import Model, infer_signature
+
+    inputs, outputs = example
+    client = _client(uri)
+    run = client.get_run(run_id)
+    # created here, in the run's experiment (Model.log would put it in the fluent API's active
+    # experiment, the Default one), with the run's params as the model's
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                       params=dict(run.data.params), tags=tags, model_type="classifier")
+    with _fluent_uri(uri):
+        info = Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, step=step,
+                         model_id=model.model_id,
+                         loader_module=loader_module, data_path=str(data_dir),
+                         signature=infer_signature(inputs, outputs), input_example=inputs,
+                         pip_requirements=pip_requirements, registered_model_name=register_as,
+                         await_registration_for=0)
+    version = getattr(info, "registered_model_version", None)
+    return LoggedModel(info.model_id, info.model_uri, register_as, str(version) if version else None)
+
+
+def download_model(uri: str, model_uri: str, dst: Path) -> Path:
+    """A logged model's files (MLmodel, data/...) under `dst`; nothing in them is loaded."""
+    import mlflow
+
+    with _fluent_uri(uri):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+
+
+def logged_models(uri: str, run_id: str) -> list[dict[str, Any]]:
+    """The logged models of a run: [{model_id, name, step, tags}], oldest first."""
+    client = _client(uri)
+    run = client.get_run(run_id)
+    found = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                        order_by=[{"field_name": "creation_timestamp", "ascending": True}])
+    return [{"model_id": m.model_id, "name": m.name, "tags": dict(m.tags or {})} for m in found]
+
+
+def log_dataset(uri: str, run_id: str, *, name: str, digest: str, source_type: str, source: dict[str, Any],
+                schema: dict[str, Any] | None = None, profile: dict[str, Any] | None = None,
+                context: str = "training") -> None:
+    """A run's input dataset as the UI lists it (name, digest, source); logging it again is a no-op
+    in MLflow (same name and digest)."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps(source),
+                      schema=json.dumps(schema) if schema else None,
+                      profile=json.dumps(profile) if profile else None)
+    _client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+
+def run_datasets(uri: str, run_id: str) -> list[dict[str, Any]]:
+    """[{name, digest, source_type, source, context}] of a run's logged inputs."""
+    import json
+
+    inputs = _client(uri).get_run(run_id).inputs
+    return [{"name": d.dataset.name, "digest": d.dataset.digest, "source_type": d.dataset.source_type,
+             "source": json.loads(d.dataset.source),
+             "context": next((t.value for t in d.tags if t.key == "mlflow.data.context"), None)}
+            for d in (inputs.dataset_inputs if inputs else [])]
+
+
+class SystemMetrics:
+    """MLflow's system-metrics sampler (system/cpu_utilization_percentage, system/system_memory_*,
+    system/gpu_* when pynvml finds a GPU) on one run, from a thread of its own that stops by
+    itself once the run is no longer RUNNING or the store cannot be read. stop() is bounded, as
+    MetricLogger.close: a hung server never holds up the end of training."""
+
+    def __init__(self, uri: str, run_id: str, interval_s: float, stop_timeout_s: float = 30.0):
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # its "started/stopped monitoring" lines and a missing pynvml are not for the user's console
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+        # resume_logging: a resumed run (or a restarted worker) goes on after the steps already stored
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                            tracking_uri=uri)
+        self.stop_timeout_s = stop_timeout_s
+        self.monitor.start()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self.monitor._process
+
+    def stop(self) -> None:
+        stopper = threading.Thread(target=self._finish, name="linrep-system-metrics-stop", daemon=True)
+        stopper.start()
+        stopper.join(self.stop_timeout_s)
+
+    def _finish(self) -> None:
+        """MLflow's finish() drops the sample taken since the last publish (a monitor stopped within
+        its first interval logged nothing: seen with a 2-second training on a 1-second interval):
+        publish it as the last step."""
+        self.monitor.finish()
+        if any(m.metrics for m in self.monitor.monitors):
+            try:
+                self.monitor.publish_metrics(self.monitor.aggregate_metrics())
+                self.monitor.mlflow_logger.flush()
+            except Exception:  # the store went away meanwhile: the samples before it are stored
+                pass
+
+
+def start_system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> SystemMetrics | None:
+    """System metrics on `run_id` every interval_s, or None (with one warning) when MLflow cannot
+    sample them here (psutil missing): training goes on without."""
+    try:
+        return SystemMetrics(uri, run_id, interval_s)
+    except Exception as err:
+        print(f"warning: no system metrics for MLflow run {run_id}: {err.__class__.__name__}: {str(err)[:160]}",
+              file=sys.stderr, flush=True)
+        return None
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

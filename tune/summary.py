@@ -10,6 +10,10 @@ under <sweep folder>/summary/ and logged as artifacts of the parent run:
   plots/r2_vs_<key>.png   the ranking metric against each swept numeric key (|C| on a log axis,
                           κ, β, ...), one line per combination of the other swept keys
   plots/learning_curves.png   the ranking metric against the step, per configuration
+
+The parent run also names its best child run (the best configuration's best seed): tag
+linrep.best_child_run_id, and a description (mlflow.note.content) and summary/best_child.md
+with a link to it.
 """
 
 from __future__ import annotations
@@ -267,6 +271,48 @@ def write_outputs(summary: Summary, out_dir: Path, extra_tables: dict[str, str] 
     return paths
 
 
+# ---- the best child, linked from the parent run ----------------------------------------------
+BEST_CHILD_TAG = "linrep.best_child_run_id"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+
+
+def best_trial(summary: Summary) -> TrialRow | None:
+    """The finished trial of the best configuration whose own ranking figure is best (ties: the
+    first in plan order): the run a user opens from the sweep."""
+    best = summary.best()
+    metric = summary.plan.metric
+    if not best:
+        return None
+    members = [t for t in summary.trials if t.trial.group == best["configuration"] and t.status == "finished"
+               and t.run_id and isinstance(t.final.get(metric), float) and not math.isnan(t.final[metric])]
+    if not members:
+        return None
+    pick = max if summary.plan.mode == "max" else min
+    return pick(members, key=lambda t: t.final[metric])
+
+
+def best_child_note(summary: Summary, child: TrialRow, experiment_id: str) -> str:
+    """The parent run's description: a markdown link to the best child run, with its figure."""
+    metric = summary.plan.metric
+    href = f"#/experiments/{experiment_id}/runs/{child.run_id}"
+    return (f"**Best child run** by {metric} ({summary.plan.mode}): [{child.trial.key}]({href}), "
+            f"configuration `{child.trial.group}`, {metric} = {child.final[metric]:.4f} "
+            f"(run id `{child.run_id}`).\n\nThe summary table is under `summary/`, the plots under `plots/`.\n")
+
+
+def link_best_child(summary: Summary, uri: str, parent_run_id: str) -> TrialRow | None:
+    """Tag the parent run with the best child's run id and describe it with a link to that run."""
+    child = best_trial(summary)
+    if child is None:
+        return None
+    exp_id = tracking.ensure_experiment(uri, summary.plan.experiment)
+    note = best_child_note(summary, child, exp_id)
+    tracking.set_tags(uri, parent_run_id, {BEST_CHILD_TAG: child.run_id, "linrep.best_child_run_name": child.trial.key,
+                                           NOTE_TAG: note})
+    tracking.log_text(uri, parent_run_id, note, "summary/best_child.md")
+    return child
+
+
 def publish_summary(plan: SweepPlan, uri: str, parent_run_id: str, *, out: Callable[[str], None] = print,
                     extra_tables: Callable[[Summary], dict[str, str]] | None = None) -> tuple[Summary, list]:
     """Collect, summarise, write (into the sweep folder, local or a URI), log to the parent run and
@@ -282,6 +328,7 @@ def publish_summary(plan: SweepPlan, uri: str, parent_run_id: str, *, out: Calla
     if not folder.is_local:
         paths = [folder / path.relative_to(staging).as_posix() for path in paths]
     best = summary.best()
+    link_best_child(summary, uri, parent_run_id)
     if best:
         tracking.set_tags(uri, parent_run_id, {"linrep.best_configuration": best["configuration"]})
         tracking.log_metrics(uri, parent_run_id, {
