@@ -152,10 +152,17 @@ def cmd_reproduce(args) -> int:
         from tune.reproduce_imagenetx import reproduce_imagenetx_cli
 
         return reproduce_imagenetx_cli(args)
+    misplaced = [f"--{name.replace('_', '-')}" for name in IMAGENETX_ONLY if getattr(args, name, None) not in (None, False)]
+    if misplaced:
+        raise UserError(f"{', '.join(misplaced)}: only for `linrep reproduce imagenetx`, not `reproduce {args.arm}`")
     from tune.reproduce import reproduce_cli
 
     _quiet_ray()
     return reproduce_cli(args)
+
+
+# arguments of `reproduce imagenetx` that `reproduce synthetic` would otherwise ignore silently
+IMAGENETX_ONLY = ("shards", "weights", "checkpoint", "out", "device", "tracking_uri", "no_log")
 
 
 def cmd_bench(args) -> int:

