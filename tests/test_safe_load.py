@@ -129,20 +129,21 @@ def test_deepspeed_engine_loads_weights_only_and_refuses_code(tmp_path):
     assert not (tmp_path / "MARKER").exists()
 
 
-def test_resume_from_a_crafted_deepspeed_checkpoint_is_one_line(tmp_path):
+def test_resume_from_a_crafted_deepspeed_checkpoint_is_one_line(tmp_path, shared_ray):
     """Train (DeepSpeed ZeRO-1, one worker) to a checkpoint, replace every .pt file by one carrying
     code, rerun the same command: exit 2, one line naming the folder, the code never ran."""
     args = ["train", "synthetic-supervised", "optim.engine=deepspeed", "optim.zero_stage=1", "optim.steps=10",
             "optim.warmup_steps=1", "run.checkpoint_every=10", "run.workers=1", "probe.enabled=false",
             "model.learn_temperature=false", "model.hidden=[16]", "data.generator_pool=200", "optim.batch_size=64",
             "run.name=crafted"]
-    first = run_linrep(args, cwd=tmp_path, timeout=600)
+    # the first run joins the session's Ray (shared_ray): only its checkpoint matters here
+    first = run_linrep(args, cwd=tmp_path, timeout=600, env=shared_ray)
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "ray_results" / "crafted" / "checkpoint_00000010"
     marker = tmp_path / "MARKER"
     assert sorted(craft(ckpt, marker)) == ["ds/mp_rank_00_model_states.pt",
                                            "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "model.pt"]
-    again = run_linrep(args, cwd=tmp_path, timeout=300)
+    again = run_linrep(args, cwd=tmp_path, timeout=300, env=shared_ray)
     assert again.returncode == 2, again.stderr[-3000:]
     lines = [l for l in again.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and str(ckpt) in lines[0] and "non-tensor objects" in lines[0], lines
