@@ -213,7 +213,8 @@ class _ProbeActor:
 
 
 def start_probe_actor(tracking_uri: str | None, run_id: str | None, cfg: Config, name: str | None = None):
-    """The probe actor of one run, with its own CPU/GPU share (probe.actor_cpus / actor_gpus)."""
+    """The probe actor of one run, with its own CPU/GPU share (probe.actor_cpus / actor_gpus) and,
+    when set, the custom resources that pin it to a node (probe.actor_resources)."""
     import ray
 
     from trainer.tracking import FAST_FAIL_ENV
@@ -221,6 +222,8 @@ def start_probe_actor(tracking_uri: str | None, run_id: str | None, cfg: Config,
     cls = ray.remote(max_restarts=-1, max_task_retries=-1)(_ProbeActor)
     opts: dict[str, Any] = dict(num_cpus=cfg.probe.actor_cpus, num_gpus=cfg.probe.actor_gpus,
                                 runtime_env={"env_vars": dict(FAST_FAIL_ENV)})
+    if cfg.probe.actor_resources:  # pinned to the nodes that offer them (probe.actor_resources)
+        opts["resources"] = dict(cfg.probe.actor_resources)
     if name:
         opts["name"] = name
     threads = max(1, int(cfg.probe.actor_cpus)) if cfg.probe.actor_cpus >= 1 else 1

@@ -273,6 +273,177 @@ def test_linrep_submit_trains_on_w1_and_w2_with_the_shared_volume(bed):
     assert re.search(r"MLflow run id: \w+ .*store http://" + re.escape(cfg["head"]) + ":5000", out.stdout)
 
 
+# ---- 5. issue 13: cluster paths on the bed ------------------------------------------------------
+S3_LIST = r"""
+import json, sys, boto3
+s3 = boto3.client("s3")  # the client's endpoint and credentials
+keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=sys.argv[1], Prefix=sys.argv[2])
+        for o in p.get("Contents", [])]
+print(json.dumps(keys))
+"""
+
+RUN_RECORD = r"""
+import json, os, sys, urllib.request
+import mlflow
+name, keys = sys.argv[1], [k for k in sys.argv[2].split(",") if k]
+c = mlflow.MlflowClient()
+runs = [] if name == "-" else c.search_runs([e.experiment_id for e in c.search_experiments()], f"attributes.run_name = '{name}'")
+assert name == "-" or len(runs) == 1, [r.info.run_name for r in runs]
+run = runs[0] if runs else None
+hist = {k: sorted(m.step for m in c.get_metric_history(run.info.run_id, k)) for k in keys}
+probe = sorted(k for k in run.data.metrics if k.startswith("probe/")) if run else []
+probe_steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, probe[0])) if probe else []
+# where each actor of the run ran: the Ray state API (actors, nodes) asked from the client
+token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read().strip()
+def get(path):
+    req = urllib.request.Request(os.environ["RAY_API_SERVER_ADDRESS"] + path, headers={"Authorization": f"Bearer {token}"})
+    return json.loads(urllib.request.urlopen(req, timeout=30).read())["data"]["result"]["result"]
+ips = {n["node_id"]: n["node_ip"] for n in get("/api/v0/nodes?limit=100&detail=true")}
+actors = [(a["class_name"], ips.get(a["node_id"]), a["actor_id"]) for a in get("/api/v0/actors?limit=1000&detail=true")]
+print(json.dumps({"run_id": run and run.info.run_id, "status": run and run.info.status, "hist": hist,
+                  "probe": probe, "probe_steps": probe_steps, "actors": actors}))
+"""
+
+
+def _listeners(bed: Bed) -> dict[str, list[tuple[str, str]]]:
+    """node -> [(local address:port, command line)] of every listening TCP socket, from `ss -ltnp`
+    in that node's network namespace (its pids are the machine's: their /proc is readable here)."""
+    out = {}
+    for node in ("head", "w1", "w2", "client"):
+        rows = subprocess.run(["ip", "netns", "exec", bed.namespace(node), "ss", "-Hltnp"], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+        out[node] = [(r.split()[3], _cmdline(int((re.findall(r"pid=(\d+)", r) or ["0"])[0]))[:120])
+                     for r in rows if r.strip()]
+    return out
+
+
+# Ray 2.60 binds the gRPC servers of its core (GCS, raylet, every core worker: actors, tasks and
+# the job's driver, the dashboard's and agents' internal ports) to all addresses, with no setting
+# to change it (ray._private.services.get_all_interfaces_ip, dashboard/agent.py: all interfaces
+# unless the node IP is loopback). Justified on the bed, where a node's namespace holds only its
+# loopback and its own bed address, and on a real cluster only behind the private network Ray's
+# security guidance asks for (token auth on). Everything else listens on its node's own address
+# or 127.0.0.1.
+RAY_CORE = ("ray::", "/ray/", "raylet", "gcs_server", "-m linrep", "/bin/linrep ")  # linrep: the job's driver
+
+
+def _is_ray_core(cmdline: str) -> bool:
+    return any(mark in cmdline for mark in RAY_CORE)
+
+
+def _wait_for(pred, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+def _kill_mlflow(bed: Bed) -> list[int]:
+    """SIGKILL the MLflow server on the head (the server and its uvicorn workers, by pid)."""
+    import signal
+
+    pids = [p for p in bed.node_pids("head") if "mlflow" in (line := _cmdline(p)) and
+            ("server" in line or "uvicorn" in line or "gunicorn" in line)]
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_losing_w1_mid_run_resumes_from_the_last_checkpoint_with_every_step_logged_once(bed):
+    """Issue 13, item 4: a 2-worker run with checkpoints on the shared /srv; after the first
+    checkpoint w1 is killed (every process of the node), then started again. Ray Train
+    (run.max_failures) restarts the worker group on w1 + w2, the workers restore the newest
+    complete checkpoint, and the metric logger skips the steps already in MLflow."""
+    name, steps, every, log_every = "bed-node-loss", 1200, 300, 20
+    run_dir = bed.state_dir / "shared" / "ray_results" / name
+    t0 = time.monotonic()
+    job = subprocess.Popen(
+        ["bash", str(REPO / "infra" / "local" / "bed.sh"), "exec", "client", sys.executable, "-m", "linrep", "submit",
+         "train", "synthetic-supervised", f"run.name={name}", "run.workers=2", "run.max_failures=2",
+         f"optim.steps={steps}", f"optim.warmup_steps={steps // 10}", f"run.checkpoint_every={every}",
+         f"run.log_every={log_every}", "probe.enabled=false"],
+        env=bed.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def complete_checkpoints():
+            return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoint_*/meta.json"))
+        seen = _wait_for(complete_checkpoints, 300, f"the first checkpoint in {run_dir}", poll=0.2)
+        killed = bed.run("kill-node", "w1", timeout=60)
+        assert killed.returncode == 0, killed.stdout + killed.stderr
+        print(f"\nw1 killed with checkpoints {seen} on /srv")
+        started = bed.run("start-node", "w1", timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        out, err = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    print(f"\nthe run, submit to end: {time.monotonic() - t0:.0f} s")
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    resumed = [int(m) for m in re.findall(r"\[linrep\] resumed from step (\d+)", out)]
+    assert len(resumed) == 1 and resumed[0] >= seen[-1] and resumed[0] % every == 0, (resumed, seen, out[-3000:])
+    assert resumed[0] < steps
+    rec = _client_py(bed, RUN_RECORD, name, "train/loss,train/samples_per_s", timeout=120)
+    assert rec["status"] == "FINISHED"
+    want = list(range(log_every, steps + 1, log_every))
+    assert rec["hist"]["train/loss"] == want, rec["hist"]["train/loss"]  # no duplicate, no gap
+    assert rec["hist"]["train/samples_per_s"] == want
+    assert sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoint_*/meta.json"))[-1] == steps
+
+
+
+
+UPLOAD = r"""
+import sys
+from trainer.storage import locate
+locate(sys.argv[2]).upload(sys.argv[1])
+print('"ok"')
+"""
+
+
+@pytest.mark.slow
+def test_zero2_dislib_run_reads_its_shards_from_s3(bed):
+    """Issue 13, item 2: tiny dSprites shards (the converter's own renderer, 160 images) uploaded
+    from the client to s3://linrep/dsprites; a ZeRO-2 DeepSpeed run of dislib-dsprites-mlp on
+    w1 + w2 streams them from the bucket (data.root=s3://..., trainer.storage) and keeps its
+    checkpoints there too."""
+    from trainer.data.convert import dsprites as ds
+
+    local = bed.state_dir / "shared" / "dsprites"
+    ds.generate_dsprites(local, seed=0, samples_per_shard=40, processes=1, limit=160, progress=False)
+    _client_py(bed, UPLOAD, "/srv/dsprites", "s3://linrep/dsprites", timeout=120)
+    name, steps = "bed-zero2-dsprites", 20
+    t0 = time.monotonic()
+    out = _linrep(bed, "submit", "train", "dislib-dsprites-mlp", f"run.name={name}", "data.root=s3://linrep/dsprites",
+                  "run.storage=s3://linrep/runs", "run.workers=2", "optim.zero_stage=2", "optim.batch_size=16",
+                  f"optim.steps={steps}", "run.checkpoint_every=10", "run.log_every=5", "run.stop_at={}",
+                  "model.hidden=[32, 32]", "data.image_size=32", "data.shuffle_buffer=20", "data.loader_workers=0",
+                  "probe.max_train_samples=64", "probe.max_eval_samples=16", "probe.actor_resources={bed_head: 1}",
+                  timeout=600)
+    print(f"\nZeRO-2 dSprites from S3, submit to end: {time.monotonic() - t0:.0f} s")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    cfg = bed.config()
+    assert f"ip={cfg['w1']}" in out.stdout and f"ip={cfg['w2']}" in out.stdout  # a worker on each node
+    keys = _client_py(bed, S3_LIST, "linrep", f"runs/{name}", timeout=60)
+    assert any(k.endswith(f"checkpoint_{steps:08d}/meta.json") for k in keys), keys
+    rec = _client_py(bed, RUN_RECORD, name, "train/loss", timeout=120)
+    assert rec["status"] == "FINISHED" and rec["hist"]["train/loss"] == [5, 10, 15, 20], rec["hist"]
+    assert any(k.startswith("probe/pearson/") for k in rec["probe"]), rec["probe"]  # the factor probes, in MLflow
+
+
 # ---- 3. idempotence, a killed node, down ---------------------------------------------------
 def test_up_again_starts_nothing(bed):
     inits = {n: bed.init_pid(n) for n in ("head", "w1", "w2", "client")}

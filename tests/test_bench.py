@@ -310,3 +310,28 @@ def test_deepspeed_bf16_trains_a_batchnorm_network(tmp_path):
                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "torch.bfloat16"
+
+
+# ---- ckpt-storage: S3 (a moto server the bench starts) against a local folder -----------------------
+def test_quick_ckpt_storage_trains_twice_and_reports_the_s3_over_local_ratio(tmp_path):
+    """Real Ray Train runs, a real moto server on 127.0.0.1 (started and stopped by the bench), no bed."""
+    import socket
+
+    out = run_bench(["ckpt-storage", "--quick", "--no-mlflow", "--out", str(tmp_path / "res")], cwd=tmp_path,
+                    timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.match(r"^ckpt-storage: ratio [0-9.e+-]+ \(target <= 1\.5\)$", last), last
+    data = json.loads((tmp_path / "res" / "ckpt-storage.json").read_text())
+    f = data["figures"]
+    assert data["quick"] and not data["details"].get("error")
+    assert math.isclose(data["ratio"], f["s3_wall_s"] / f["local_wall_s"], rel_tol=1e-9)
+    # both runs wrote real checkpoints of the same model: the same bytes, in the bucket and on disk
+    assert f["checkpoint_bytes_s3"] > 10_000 and f["checkpoints_kept_s3"] >= 1
+    assert f["checkpoint_bytes_s3"] == pytest.approx(f["checkpoint_bytes_local"], rel=0.01)
+    assert list((tmp_path / "res" / "cache" / "ckpt_storage_local").glob("bench-ckpt-local-*/checkpoint_*/meta.json"))
+    # the moto server was on loopback and is gone again
+    endpoint = data["details"]["endpoint"]
+    assert endpoint.startswith("http://127.0.0.1:")
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", int(endpoint.rsplit(":", 1)[1]))) != 0

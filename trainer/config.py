@@ -298,6 +298,10 @@ class ProbeConfig(_Section):
     """CPUs reserved by the probe actor (0 = shares the workers' CPUs)."""
     actor_gpus: float = Field(0.0, ge=0)
     """GPU share of the probe actor."""
+    actor_resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources the probe actor asks for, to pin it to a node: e.g. {bed_head: 1} puts it
+    on the head of infra/local/bed.sh, {probe_node: 1} on a node started with that resource. Only
+    placement: not part of the run's fingerprint."""
     every: int = Field(1, ge=1)
     """Probe every n-th checkpoint."""
     max_attempts: int = Field(2, ge=1)
@@ -358,6 +362,7 @@ class Config(_Section):
         d["run"].pop("name", None)
         d["run"].pop("resume", None)
         d.pop("tracking", None)
+        d["probe"].pop("actor_resources", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     def run_name(self) -> str:

@@ -21,12 +21,8 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ROOT="$(cd "$HERE/../.." && pwd)"
-
-if [[ -n "${LINREP_PYTHON:-}" ]]; then PY="$LINREP_PYTHON"
-elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
-else PY="$(command -v python3 || true)"; fi
-BIN="$(dirname "$PY")"
+# shellcheck source=infra/local/common.sh
+source "$HERE/common.sh"  # ROOT, PY, BIN
 RAY="$BIN/ray"
 MLFLOW="$BIN/mlflow"
 LIB=("$PY" "$HERE/clusterlib.py")

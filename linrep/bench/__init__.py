@@ -7,6 +7,10 @@ Benchmarks (one module each, registered in linrep.bench.harness):
   scaling          parallel efficiency of 2 workers (+ one GPU's samples/s when present)      (>= 0.8)
   probes           training samples/s with the probe actor beside it over without            (>= 0.9)
   sweep            trials/hour of `linrep reproduce synthetic --quick` over one train per trial (>= 1)
+  ckpt-storage     wall time with checkpoints in S3 (a moto server on 127.0.0.1) over a local folder (<= 1.5)
+
+`linrep bench` with no name runs the six of the README's Performance table (harness.ORDER);
+ckpt-storage runs when named (`linrep bench ckpt-storage [--quick]`).
 
 Each prints the machine, its absolute figures and, last, `<name>: ratio <value> (target <op> <value>)`;
 writes `<out>/<name>.json` (atomically; `<name>.<gpu>.json` on an accelerator) and a line of
@@ -28,6 +32,7 @@ from trainer.errors import UserError
 
 # importing the modules registers the benchmarks
 from linrep.bench import identifiability, overhead, probe, scaling, streaming, sweep  # noqa: E402,F401
+from linrep.bench import ckpt_storage  # noqa: E402,F401  (by name only: not in harness.ORDER)
 
 __all__ = ["bench_cli", "run_benchmark", "list_benchmarks"]
 
@@ -75,7 +80,7 @@ def run_benchmark(name: str, ctx: BenchContext, machine: dict | None = None) -> 
 
 def bench_cli(args) -> int:
     """Entry point of `linrep bench` (wired by linrep/cli.py)."""
-    names = list(getattr(args, "names", None) or list_benchmarks())
+    names = list(getattr(args, "names", None) or harness.ORDER)
     for name in names:
         get_benchmark(name)  # unknown names: one line, exit 2, before anything runs
     out = Path(getattr(args, "out", None) or "results/bench")
