@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -46,10 +47,12 @@ def format_figures(final: dict[str, float]) -> str:
 
 # ---- train ---------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from probes.pipeline import train_and_probe
     from trainer.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # all config errors before Ray starts
+    # all config errors before torch, Ray or MLflow are imported: a typo ends in well under a second
+    cfg = load_config(args.config, args.overrides)
+    from probes.pipeline import train_and_probe
+
     _quiet_ray()
     out = train_and_probe(cfg, address=args.address)
     print(f"\nrun {out.run_key} finished")
@@ -86,11 +89,35 @@ def cmd_probe(args) -> int:
         step, figures = probe_checkpoint(args.target)  # a local folder or a URI
         print(f"checkpoint {args.target} (step {step}):\n" + format_figures(figures))
         return 0
+    check_run_id(args.target)
+    check_store_exists(args.target, args.tracking_uri)  # before MLflow (and torch) are imported
     from probes.pipeline import reprobe_run
 
     uri = resolve_uri(TrackingConfig(uri=args.tracking_uri))
     reprobe_run(args.target, uri, log=not args.no_log)
     return 0
+
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+"""MLflow run ids: 32 lowercase hex digits (a uuid4 without dashes), in every store."""
+
+
+def check_run_id(target: str) -> None:
+    if not RUN_ID.fullmatch(target):
+        raise UserError(f"'{target}' is neither a checkpoint folder nor an MLflow run id (32 hex digits, "
+                        "as printed by linrep train)")
+
+
+def check_store_exists(run_id: str, tracking_uri: str | None) -> None:
+    """A sqlite store that does not exist holds no run: say so instead of creating an empty one."""
+    from trainer.tracking import DEFAULT_DIR
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DIR / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            raise UserError(f"MLflow run {run_id} not found: no tracking store at {path} "
+                            "(pass --tracking-uri or set MLFLOW_TRACKING_URI)")
 
 
 # ---- ui ------------------------------------------------------------------------------------
@@ -119,7 +146,48 @@ def cmd_presets(args) -> int:
 
 
 # ---- data ----------------------------------------------------------------------------------
+def check_data_args(args) -> None:
+    """Counts, before any converter (and its imports) runs."""
+    for flag, value in (("--limit", getattr(args, "limit", None)), ("--samples-per-shard", args.samples_per_shard),
+                        ("--processes", args.processes)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be >= 1")
+
+
+def make_out_folder(out: Path) -> list[Path]:
+    """Create --out (one line when it cannot be); return the folders created, newest last."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    created = [p for p in (out, *out.parents) if not p.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create the output folder ({err.strerror or err})") from None
+    return created
+
+
 def cmd_data(args) -> int:
+    check_data_args(args)
+    created = make_out_folder(Path(args.out))
+    try:
+        convert_data(args)
+    except BaseException:
+        if created:  # bad input writes nothing: drop the folders made for it (only empty ones)
+            remove_empty_folders(created[0])
+        raise
+    print(f"shards and manifest.json written to {args.out}")
+    return 0
+
+
+def remove_empty_folders(top: Path) -> None:
+    for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):  # deepest first
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # holds a file: what was written stays
+
+
+def convert_data(args) -> None:
     if args.kind == "dsprites":
         from trainer.data.convert.dsprites import generate_dsprites
 
@@ -135,8 +203,6 @@ def cmd_data(args) -> int:
 
         convert_imagenet(Path(args.src), Path(args.out), samples_per_shard=args.samples_per_shard,
                          processes=args.processes, classes_from=args.classes_from, seed=args.seed)
-    print(f"shards and manifest.json written to {args.out}")
-    return 0
 
 
 # ---- sweep / reproduce / bench (tune/ and bench modules) -----------------------------------

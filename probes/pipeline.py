@@ -185,12 +185,16 @@ def reprobe_run(run_id: str, tracking_uri: str, log: bool = True, progress: Any 
         raise UserError(f"no complete checkpoints under {run_dir}")
     state: dict = {}
     out = {}
+    stored: dict[str, set[int]] = {}  # key -> steps already in MLflow (from training or an earlier re-probe)
     for i, path in enumerate(ckpts, 1):
         step, figures = probe_checkpoint(path, state)
         out[step] = figures
         if log:
+            for key in figures.keys() - stored.keys():
+                stored[key] = {s for s, _ in tracking.metric_history(tracking_uri, run_id, key)}
+            missing = {k: v for k, v in figures.items() if step not in stored[k]}  # each step once
             logger = tracking.MetricLogger(tracking_uri, run_id)
-            logger.log(figures, step)
+            logger.log(missing, step)
             logger.close()
         progress(f"[{i}/{len(ckpts)}] step {step}: " + "  ".join(f"{k.split('/', 1)[1]}={v:.4f}"
                                                             for k, v in figures.items()))

@@ -99,3 +99,27 @@ def run_linrep(args: list[str], cwd: Path, env: dict | None = None, timeout: flo
     stores under cwd)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([*LINREP, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+SUBPROCESS_TIMEOUT_S = 600
+"""Default limit of one CLI subprocess in a test: well under pytest's global timeout (1800 s in
+pyproject.toml), so a hung command fails its test with a message instead of killing the session."""
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None,
+            timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """run_linrep in a session of its own: on a timeout the whole process group (the CLI and the
+    Ray processes it started) is SIGKILLed before the test fails, so nothing is left running."""
+    import signal
+
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen([*LINREP, *args], cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"linrep {' '.join(args)} ran past {timeout:.0f} s; its process group was killed\n"
+                    f"{(err or '')[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -326,3 +326,154 @@ def test_cluster_sh_up_with_a_busy_port_fails_in_one_line_and_starts_nothing(tmp
 def test_cluster_sh_usage():
     out = subprocess.run(["bash", str(INFRA / "local" / "cluster.sh"), "sideways"], capture_output=True, text=True)
     assert out.returncode == 2 and "usage:" in out.stderr
+
+
+# ---- security of the shipped manifests (issue 17, second pass) -------------------------------
+SECRET_KEY_WORDS = re.compile(r"password|secret|token", re.I)
+URI_WITH_PASSWORD = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
+
+
+def _every_pod(doc: dict) -> list[tuple[str, dict]]:
+    """(name, pod spec) of every pod a manifest starts: Deployments, StatefulSets, Jobs, Ray groups."""
+    spec = doc.get("spec", {})
+    if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+        return [(doc["metadata"]["name"], spec["template"]["spec"])]
+    cluster = spec if doc["kind"] == "RayCluster" else spec.get("rayClusterSpec") if doc["kind"] == "RayJob" else None
+    if cluster:
+        return [(f"{doc['metadata']['name']}/{g.get('groupName', 'head')}", g["template"]["spec"])
+                for g, _ in _ray_groups(cluster)]
+    return []
+
+
+def _every_container() -> list[tuple[str, dict, dict]]:
+    """(pod name, pod template labels, container) for every container and init container."""
+    out = []
+    for doc in _all_docs():
+        for name, pod in _every_pod(doc):
+            for c in _containers(pod):
+                out.append((name, doc, c))
+    return out
+
+
+def _argv(container: dict) -> str:
+    return " ".join(str(x) for x in container.get("command", []) + container.get("args", []))
+
+
+def _secret_refs(container: dict) -> dict[str, tuple[str, str]]:
+    """env name -> (Secret, key) for the container's env drawn from Secrets."""
+    refs = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            refs[e["name"]] = (ref["name"], ref["key"])
+    return refs
+
+
+def _launcher_commands() -> list[str]:
+    cfg = yaml.safe_load(LAUNCHER.read_text())
+    return [c for key in ("head_start_ray_commands", "worker_start_ray_commands", "setup_commands",
+                          "head_setup_commands", "worker_setup_commands", "initialization_commands")
+            for c in cfg.get(key) or []]
+
+
+def test_nothing_listens_on_all_interfaces_without_auth():
+    mlflow_servers = 0
+    for name, doc, c in _every_container():
+        argv = _argv(c)
+        if "mlflow server" in argv or c.get("command", [None])[0] == "mlflow":
+            mlflow_servers += 1
+            assert re.search(r"--app-name[= ]basic-auth", argv), f"{name}: MLflow server without auth"
+        elif "0.0.0.0" in argv:
+            pytest.fail(f"{name}/{c['name']}: listens on 0.0.0.0 without auth: {argv[:200]}")
+    for doc in _all_docs():  # Ray's dashboard on the pod's interfaces: only behind Ray token auth
+        cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"].get("rayClusterSpec") \
+            if doc["kind"] == "RayJob" else None
+        if cluster and cluster["headGroupSpec"]["rayStartParams"].get("dashboard-host") == "0.0.0.0":
+            assert cluster["authOptions"]["mode"] == "token", doc["metadata"]["name"]
+    assert mlflow_servers == 1
+    launched = [c for c in _launcher_commands() if "mlflow server" in c]
+    assert launched, "the launcher starts MLflow on the head"
+    for command in _launcher_commands():
+        if "mlflow server" in command and "0.0.0.0" in command:
+            assert "--app-name basic-auth" in command and "MLFLOW_AUTH_ADMIN_PASSWORD=\"$" in command, command
+        assert "--dashboard-host=0.0.0.0" not in command and "--host 0.0.0.0 " not in command.replace(
+            "--app-name basic-auth --host 0.0.0.0 ", ""), command
+    cfg = yaml.safe_load(LAUNCHER.read_text())  # the login reaches the nodes as a file, not in the YAML
+    assert any("mlflow-auth.env" in k for k in cfg["file_mounts"])
+    assert not URI_WITH_PASSWORD.search(LAUNCHER.read_text())
+
+
+def test_no_password_reaches_a_command_line():
+    checked = 0
+    for name, doc, c in _every_container():
+        argv = _argv(c)
+        secret_envs = {env for env, (_, key) in _secret_refs(c).items() if SECRET_KEY_WORDS.search(key)}
+        for env in secret_envs:  # Kubernetes expands $(VAR) into the process's argv
+            assert f"$({env})" not in argv, f"{name}/{c['name']}: the secret {env} is expanded into argv"
+            checked += 1
+        assert not URI_WITH_PASSWORD.search(argv), f"{name}/{c['name']}: a URI with a password in argv"
+        for e in c.get("env", []):  # a literal password in a plain env value
+            if SECRET_KEY_WORDS.search(e["name"]) and "value" in e:
+                pytest.fail(f"{name}/{c['name']}: {e['name']} has a literal value")
+    assert checked >= 5
+    server = next(c for _, d, c in _every_container() if d["metadata"]["name"] == "mlflow" and c["name"] == "mlflow")
+    uri = next(a for a in server["args"] if a.startswith("--backend-store-uri="))
+    assert "DB_PASSWORD" not in uri and _env(server)["PGPASSFILE"], "the database password comes from a pgpass file"
+    assert "DB_PASSWORD" not in _env(server)  # the server's process never holds it in its env either
+
+
+def test_network_policies_confine_ray_ports_and_the_tracking_pods():
+    policies = [d for d in _all_docs() if d["kind"] == "NetworkPolicy"]
+    ray_label = {"app.kubernetes.io/part-of": "linrep"}
+    tracking_label = {"app.kubernetes.io/part-of": "linrep-tracking"}
+
+    def policy_for(label: dict) -> dict:
+        found = [p for p in policies if p["spec"]["podSelector"].get("matchLabels") == label]
+        assert found, f"a NetworkPolicy selects {label}"
+        return found[0]
+
+    for label, allowed in ((ray_label, [ray_label]), (tracking_label, [ray_label, tracking_label])):
+        policy = policy_for(label)
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), "a rule without `from` admits every pod and address"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer
+                if "namespaceSelector" in peer:  # only the KubeRay operator's namespace, only Ray's API ports
+                    assert peer["namespaceSelector"]["matchLabels"], peer
+                    assert {p["port"] for p in rule["ports"]} <= {8265, 6379}
+                else:
+                    sel = peer["podSelector"]["matchLabels"]
+                    assert sel in allowed or sel == {"app.kubernetes.io/created-by": "kuberay-operator"}, sel
+    for name, doc, _ in _every_container():  # every pod is covered by one of the two policies
+        labels = (doc["spec"]["template"]["metadata"]["labels"] if doc["kind"] in ("Deployment", "StatefulSet", "Job")
+                  else None)
+        if labels is not None:
+            assert labels.get("app.kubernetes.io/part-of") in ("linrep", "linrep-tracking"), name
+    for doc in _all_docs():
+        cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"].get("rayClusterSpec") \
+            if doc["kind"] == "RayJob" else None
+        for group, _ in _ray_groups(cluster) if cluster else []:
+            assert ray_label.items() <= group["template"]["metadata"]["labels"].items()
+
+
+def test_the_object_store_root_login_stays_with_minio():
+    root_users = set()
+    for name, doc, c in _every_container():
+        refs = _secret_refs(c)
+        uses_root = any(secret == "minio-root" for secret, _ in refs.values())
+        if uses_root:
+            root_users.add(doc["metadata"]["name"])
+        if c["name"] == "mlflow":  # the server: the dedicated user, never the root login
+            assert refs["AWS_ACCESS_KEY_ID"][0] == refs["AWS_SECRET_ACCESS_KEY"][0] == "mlflow-s3"
+        assert not any(env.startswith("MINIO_ROOT") for env in refs) or uses_root
+    assert root_users == {"mlflow-minio", "minio-setup"}, root_users
+    minio = next(c for _, d, c in _every_container() if d["metadata"]["name"] == "mlflow-minio")
+    assert {s for s, _ in _secret_refs(minio).values()} == {"minio-root"}
+    job = next(c for _, d, c in _every_container() if d["metadata"]["name"] == "minio-setup")
+    script = _argv(job)
+    policy = json.loads(script[script.index("{"):script.rindex("}") + 1])
+    resources = {r for s in policy["Statement"] for r in s["Resource"]}
+    assert resources == {"arn:aws:s3:::mlflow-artifacts", "arn:aws:s3:::mlflow-artifacts/*"}
+    assert not any("admin:" in a or a == "s3:*" for s in policy["Statement"] for a in s["Action"])
+    assert "mc admin policy attach root mlflow-artifacts-rw --user \"$S3_ACCESS_KEY\"" in script

@@ -104,6 +104,19 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_sizes(directory: Path, meta: dict[str, Any], names: tuple[str, ...]) -> None:
+    """The files a loader reads have the sizes meta.json lists (a copy cut short, or a file
+    changed after the checkpoint was written, is refused in one line)."""
+    listed = meta.get("files")
+    if not isinstance(listed, dict):
+        return  # written before meta listed sizes
+    for name in names:
+        path = directory / name
+        if name in listed and path.is_file() and path.stat().st_size != listed[name]:
+            raise UserError(f"checkpoint {directory}: {name} is {path.stat().st_size} bytes but {META_FILE} lists "
+                            f"{listed[name]} (cut short or changed after the checkpoint was written)")
+
+
 def load_classifier(directory: Where, device: str | torch.device = "cpu") -> tuple[Classifier, Config, dict]:
     """Rebuild the classifier from the checkpoint alone (config + meta + weights), in eval mode.
 
@@ -125,6 +138,7 @@ def load_classifier(directory: Where, device: str | torch.device = "cpu") -> tup
     if not directory.is_dir():
         raise UserError(f"checkpoint {directory} is not a directory")
     meta = read_meta(directory)
+    check_sizes(directory, meta, (MODEL_FILE, CONFIG_FILE))
     cfg = read_config(directory)
     spec = InputSpec(**meta.get("input_spec", {}))
     model = build_classifier(cfg, spec, int(meta["num_outputs"]))

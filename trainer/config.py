@@ -584,16 +584,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML{where}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} cannot be read: {err.__class__.__name__}") from None
-    if raw is None:
-        return {}
+    if raw is None:  # an empty file would silently train every default: almost surely a mistake
+        raise ConfigError(f"config file {path} is empty: start it with `base: <preset>` (linrep presets) "
+                          "and the sections you change")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
-def load_raw(source: str | Path) -> dict[str, Any]:
+def load_raw(source: str | Path, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """A preset name or a YAML file -> raw dict (presets may `base:` on another preset)."""
     source = str(source)
+    key = str(Path(source).resolve()) if Path(source).is_file() else source
+    if key in _chain:
+        raise ConfigError(f"config 'base:' loops back to {source}; point base at a preset (linrep presets)")
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
         raw = read_yaml(path)
@@ -604,7 +608,9 @@ def load_raw(source: str | Path) -> dict[str, Any]:
     else:
         raise ConfigError(f"unknown preset or file '{source}' (presets: {', '.join(list_presets())})")
     base = raw.pop("base", None)
-    merged = _deep_merge(load_raw(base), raw) if base else raw
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"config key 'base' in {source} must be a preset name or a file, got {type(base).__name__}")
+    merged = _deep_merge(load_raw(base, (*_chain, key)), raw) if base else raw
     merged["preset"] = raw.get("preset") or name
     return merged
 

@@ -22,6 +22,7 @@ crafted folder ends the command in one line; the workers load through the same u
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -62,7 +63,10 @@ def load_file(path: Path | str, *, map_location: Any = "cpu", allowed: Iterable 
     accepted besides tensors. A pickle asking for anything else raises UnsafeCheckpointFile,
     and nothing in it runs."""
     try:
-        with torch.serialization.safe_globals(list(allowed)):
+        with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
+            # a raw pickle (not torch's zip) makes torch warn about its protocol before refusing it:
+            # the refusal is the one line the user sees
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointFile(Path(path), refused_reason(err)) from None

@@ -17,10 +17,11 @@ trial's Ray Train run) and the trial ledgers trials/<trial key>.json.
 MLflow. Through trainer.tracking only: the parent run carries linrep.sweep = the sweep's name and
 linrep.role = sweep; each trial's own trainer run is its child run (tag linrep.run_key = trial key).
 
-Resume. Rerunning the same command restores the Tune experiment (`Tuner.restore`, errored trials
-resumed too): finished trials are not rerun (Tune knows them, and the ledger short-circuits a trial
-Tune had not yet recorded as finished), unfinished ones restart their function, which resumes the
-Ray Train run from its latest checkpoint and reuses its MLflow child run; the parent run is reused.
+Resume. Rerunning the same command builds a new Tuner over the trials whose ledger shows no end
+(finished or stopped trials are not rerun; failed and unfinished ones are); each restarts its
+function, which resumes the Ray Train run from its latest checkpoint and reuses its MLflow child
+run; the parent run is reused. Tune's own saved experiment is never restored (`Tuner.restore`
+unpickles files from the sweep folder, which anyone who can write that folder could craft).
 """
 
 from __future__ import annotations
@@ -368,18 +369,30 @@ def trial_concurrency(plan: SweepPlan, nodes: list[Node], grows: bool = False) -
     return min(plan.max_concurrent or fits, fits)
 
 
-def build_tuner(plan: SweepPlan, ctx: TrialContext, concurrency: int):
-    """A new Tuner, or the restored one when this sweep's folder holds Tune state."""
+def pending_trials(plan: SweepPlan) -> list[str]:
+    """The trials a run of this sweep must (re)start: every one whose ledger shows no end."""
+    return [t.key for t in plan.trials if TrialLedger(plan.sweep_dir, t.key).status not in TERMINAL]
+
+
+def announce_resume(plan: SweepPlan, pending: list[str]) -> None:
+    if any(TrialLedger(plan.sweep_dir, t.key).status for t in plan.trials):  # a trial started before
+        print(f"[sweep] resuming {plan.name} from {plan.sweep_dir}: {len(plan.trials) - len(pending)} of "
+              f"{len(plan.trials)} trials already ended, {len(pending)} to run", file=sys.stderr, flush=True)
+
+
+def build_tuner(plan: SweepPlan, ctx: TrialContext, concurrency: int, pending: list[str]):
+    """A new Tuner over the `pending` trials, for a first run and a resume alike.
+
+    Never `Tuner.restore`: Tune's saved experiment (tuner.pkl, experiment_state-*.json) is
+    cloudpickled, and restoring it runs whatever code a crafted file in the sweep folder carries
+    (anyone who can write a shared volume or bucket). A resume is rebuilt from linrep's own JSON
+    ledger instead: finished and stopped trials are skipped, the others start again and resume
+    their Ray Train runs from their checkpoints (runs/<key>/).
+    """
     from ray import tune
 
     trainable = tune.with_resources(make_trainable(plan, ctx), {"CPU": 0, "memory": TRIAL_MEMORY})
     exp_dir = plan.sweep_dir
-    # Tune's experiment state lives beside the ledger, on the same storage (local folder or URI)
-    fs = {} if exp_dir.is_local else {"storage_filesystem": exp_dir.fs}
-    if tune.Tuner.can_restore(exp_dir.path, **fs):
-        print(f"[sweep] resuming {plan.name} from {exp_dir}", file=sys.stderr, flush=True)
-        return tune.Tuner.restore(exp_dir.path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  **fs)
     scheduler = None
     if plan.asha:
         # stop_last_trials=False: a trial that reaches max_t ends by itself (with its final probe)
@@ -388,7 +401,7 @@ def build_tuner(plan: SweepPlan, ctx: TrialContext, concurrency: int):
     progress = _tune_callback_class()(str(exp_dir), [t.key for t in plan.trials], plan.metric)
     return tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search([t.key for t in plan.trials])},
+        param_space={"trial": tune.grid_search(pending)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=plan.name, **locate(plan.storage).ray_storage(), verbose=0,
@@ -423,8 +436,9 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     out(f"sweep {plan.name}: {len(plan.trials)} trials ({len(plan.groups())} configurations x seeds), "
         f"folder {plan.sweep_dir}, MLflow parent run {parent} in '{plan.experiment}' ({tracking.redact(uri)})")
     out(f"sweep {plan.name}: up to {concurrency} trials at a time")
-    tuner = build_tuner(plan, ctx, concurrency)
-    grid = tuner.fit()
+    pending = pending_trials(plan)
+    announce_resume(plan, pending)
+    grid = build_tuner(plan, ctx, concurrency, pending).fit() if pending else []
     failed = {}
     for result in grid:
         if result.error is not None:
