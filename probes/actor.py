@@ -223,7 +223,13 @@ def start_probe_actor(tracking_uri: str | None, run_id: str | None, cfg: Config,
     opts: dict[str, Any] = dict(num_cpus=cfg.probe.actor_cpus, num_gpus=cfg.probe.actor_gpus,
                                 runtime_env={"env_vars": dict(FAST_FAIL_ENV)})
     if cfg.probe.actor_resources:  # pinned to the nodes that offer them (probe.actor_resources)
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         opts["resources"] = dict(cfg.probe.actor_resources)
+        # outside any placement group: a sweep trial's group captures its children, and its bundles
+        # hold no custom resources (found on the test bed: "Cannot schedule _ProbeActor with the
+        # placement group ... {'bed_head': 1.0}")
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=None)
     if name:
         opts["name"] = name
     threads = max(1, int(cfg.probe.actor_cpus)) if cfg.probe.actor_cpus >= 1 else 1

@@ -262,7 +262,7 @@ def test_linrep_submit_trains_on_w1_and_w2_with_the_shared_volume(bed):
     """Two Ray Train workers, one per worker node, checkpoints on the shared /srv (the stand-in for
     NFS), tracking on the bed's MLflow server. ~3.5 min on 2 cores."""
     out = _linrep(bed, "submit", "train", "synthetic-supervised", "optim.steps=100", "optim.warmup_steps=10",
-                  "run.checkpoint_every=50", "probe.samples=1024", "run.workers=2", timeout=600)
+                  "run.checkpoint_every=50", "probe.samples=1024", "run.workers=2", "--verbose", timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     to_running = re.search(r"RUNNING ([0-9.]+) s after `linrep submit` started", out.stderr)
     print(f"\nlinrep submit -> RUNNING: {to_running.group(1)} s; whole job: {out.stderr.strip().splitlines()[-1]}")
@@ -363,6 +363,84 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.mark.slow
+def test_s3_run_on_w1_w2_probe_on_head_sockets_and_a_tracking_outage(bed):
+    """Issue 13, items 1, 5 and 6 in one run: `linrep submit train` from the client, 2 Ray Train
+    workers (one on w1, one on w2), checkpoints in s3://linrep on the head's moto, the probe actor
+    pinned to the head by probe.actor_resources={bed_head: 1} (the head offers that custom
+    resource and 0 CPUs). While it trains: every node's listening sockets; then the MLflow server
+    is killed for a while and started again. The run finishes, every train step is logged exactly
+    once (Postgres), the checkpoints are in the bucket, the probes are in MLflow."""
+    cfg = bed.config()
+    name, steps, every, log_every = "bed-s3-outage", 1200, 300, 20
+    before = {a for _, _, a in _client_py(bed, RUN_RECORD, "-", "", timeout=120)["actors"]}
+    t0 = time.monotonic()
+    job = subprocess.Popen(
+        ["bash", str(REPO / "infra" / "local" / "bed.sh"), "exec", "client", sys.executable, "-m", "linrep", "submit",
+         "train", "synthetic-supervised", f"run.name={name}", "run.workers=2", "run.storage=s3://linrep/runs",
+         f"optim.steps={steps}", f"optim.warmup_steps={steps // 10}", f"run.checkpoint_every={every}",
+         f"run.log_every={log_every}", "probe.samples=1024", "probe.actor_resources={bed_head: 1}"],
+        env=bed.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def first_checkpoint():
+            keys = _client_py(bed, S3_LIST, "linrep", f"runs/{name}", timeout=60)
+            return [k for k in keys if k.endswith("/meta.json")]
+        _wait_for(first_checkpoint, 300, "the first checkpoint in s3://linrep/runs")
+        # item 6: the sockets of every node while the run trains
+        sockets = _listeners(bed)
+        for node, rows in sockets.items():
+            own = {cfg[node], "127.0.0.1", f"[::ffff:{cfg[node]}]", "[::ffff:127.0.0.1]"}
+            wildcard = [(a, p) for a, p in rows if a.rsplit(":", 1)[0] in ("*", "0.0.0.0", "[::]")]
+            print(f"\n[{node}] {len(rows)} listening, {len(wildcard)} of them Ray core on all addresses: "
+                  f"{sorted(a for a, _ in rows if (a, _) not in wildcard)}; wildcard: "
+                  f"{sorted((a, p.split(' -')[0][:40]) for a, p in wildcard)}")
+            assert not [(a, p) for a, p in wildcard if not _is_ray_core(p)], (node, wildcard)
+            assert not [(a, p) for a, p in rows if (a, p) not in wildcard and a.rsplit(":", 1)[0] not in own], \
+                (node, rows)
+        head_services = {a for a, _ in sockets["head"]}
+        assert {f"{cfg['head']}:{p}" for p in (5000, 5432, 8265, 9000)} <= head_services  # MLflow, Postgres, Jobs, S3
+        assert not sockets["client"], sockets["client"]  # the client runs no server
+        # item 5: the tracking server goes away for a while, then comes back
+        killed = _kill_mlflow(bed)
+        assert killed, "no MLflow server process on the head"
+        outage_start = time.monotonic()
+        time.sleep(15)
+        up = bed.run("up", timeout=300)
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        print(f"\nMLflow down for {time.monotonic() - outage_start:.0f} s (pids {killed})")
+        out, err = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    print(f"\nthe run, submit to end: {time.monotonic() - t0:.0f} s")
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    # item 1: the checkpoints are in the bucket (the kept ones, each complete: meta.json is written last)
+    keys = _client_py(bed, S3_LIST, "linrep", f"runs/{name}", timeout=60)
+    metas = sorted(k for k in keys if k.endswith("/meta.json"))
+    assert metas and metas[-1].endswith(f"checkpoint_{steps:08d}/meta.json"), metas
+    assert not list((bed.state_dir / "shared" / "ray_results").glob(f"{name}*"))  # nothing on /srv
+    rec = _client_py(bed, RUN_RECORD, name, "train/loss,train/acc", timeout=120)
+    assert rec["status"] == "FINISHED", rec["status"]
+    # every step exactly once, through the outage: no duplicate, no gap
+    want = list(range(log_every, steps + 1, log_every))
+    assert rec["hist"]["train/loss"] == want, rec["hist"]["train/loss"]
+    assert rec["hist"]["train/acc"] == want
+    sql = (f"SELECT step, count(*) FROM metrics WHERE run_uuid = '{rec['run_id']}' AND key = 'train/loss' "
+           "GROUP BY step HAVING count(*) > 1")
+    pg = bed.exec("head", "runuser", "-u", "postgres", "--", "psql", "-h", "/tmp", "-d", "mlflow", "-tAc", sql)
+    assert pg.returncode == 0 and pg.stdout.strip() == "", pg.stdout + pg.stderr
+    # the probe metrics reached the Postgres-backed MLflow, at checkpoint steps
+    assert rec["probe"] and rec["probe_steps"], rec["probe"]
+    assert set(rec["probe_steps"]) <= set(range(every, steps + 1, every)), rec["probe_steps"]
+    # where things ran: the Train workers on w1 and w2, the probe actor on the head
+    job_actors = [(c, ip) for c, ip, actor_id in rec["actors"] if actor_id not in before]  # this run's
+    workers = sorted(ip for c, ip in job_actors if c == "RayTrainWorker")
+    probes = {ip for c, ip in job_actors if c == "_ProbeActor"}
+    assert workers == sorted([cfg["w1"], cfg["w2"]]), job_actors
+    assert probes == {cfg["head"]}, job_actors
+
+
+@pytest.mark.slow
 def test_losing_w1_mid_run_resumes_from_the_last_checkpoint_with_every_step_logged_once(bed):
     """Issue 13, item 4: a 2-worker run with checkpoints on the shared /srv; after the first
     checkpoint w1 is killed (every process of the node), then started again. Ray Train
@@ -404,6 +482,27 @@ def test_losing_w1_mid_run_resumes_from_the_last_checkpoint_with_every_step_logg
     assert sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoint_*/meta.json"))[-1] == steps
 
 
+
+
+@pytest.mark.slow
+def test_a_sweep_submitted_from_the_client_keeps_its_folder_in_s3(bed):
+    """Issue 13, item 3: `linrep submit sweep` from the client, a 2-trial grid (1 worker each, two
+    at a time: one trial per worker node), the sweep folder in s3://linrep/sweeps. The spec,
+    tests/bed-grid.yaml, travels with the working dir as a user's would."""
+    before = {a for _, _, a in _client_py(bed, RUN_RECORD, "-", "", timeout=120)["actors"]}
+    t0 = time.monotonic()
+    out = _linrep(bed, "submit", "sweep", "tests/bed-grid.yaml", "--storage", "s3://linrep/sweeps", timeout=600)
+    print(f"\nthe sweep, submit to end: {time.monotonic() - t0:.0f} s")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    keys = _client_py(bed, S3_LIST, "linrep", "sweeps/bed-grid", timeout=60)
+    assert any(k.endswith("summary/summary.csv") for k in keys), keys
+    assert any(k.endswith("summary/summary.md") for k in keys), keys
+    assert not list((bed.state_dir / "shared").glob("ray_results/sweeps/bed-grid*"))  # nothing on /srv
+    cfg = bed.config()
+    actors = [(c, ip) for c, ip, a in _client_py(bed, RUN_RECORD, "-", "", timeout=120)["actors"] if a not in before]
+    workers = {ip for c, ip in actors if c == "RayTrainWorker"}
+    assert workers and workers <= {cfg["w1"], cfg["w2"]}, actors  # trials ran on the worker nodes only
+    assert {ip for c, ip in actors if c == "_ProbeActor"} == {cfg["head"]}, actors
 
 
 UPLOAD = r"""

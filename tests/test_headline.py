@@ -76,7 +76,7 @@ def test_dsprites_mlp_classifier_features_decode_the_factors(tmp_path):
     generate_dsprites(root, seed=0, processes=2, progress=False)
     assert load_manifest(root).num_samples == 737_280
     out = run_linrep(["train", "dislib-dsprites-mlp", f"data.root={root}", "run.workers=2", "optim.steps=300",
-                      "run.checkpoint_every=300"], cwd=tmp_path, timeout=2400)
+                      "run.checkpoint_every=300"], cwd=tmp_path, timeout=1700)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("dislib-dsprites").experiment_id])[0]

@@ -240,8 +240,19 @@ def set_status(uri: str, run_id: str, status: str) -> None:
         _client(uri).set_terminated(run_id, status=status)
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    set_status(uri, run_id, status)
+def end_run(uri: str, run_id: str, status: str = "FINISHED", wait_s: float = 0.0, retry_every_s: float = 5.0) -> None:
+    """Mark the run ended. With wait_s > 0 a failed write is retried until wait_s has passed: a run that
+    ends while the tracking server restarts must not stay RUNNING in the UI (found on the test bed:
+    a 54 s server outage at the end of a run left it RUNNING). Raises the last error after wait_s."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            set_status(uri, run_id, status)
+            return
+        except Exception:
+            if time.monotonic() + retry_every_s > deadline:
+                raise
+            time.sleep(retry_every_s)
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
