@@ -49,6 +49,11 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 # ---- worker side -------------------------------------------------------------------------------
+# lines a worker or actor prints that are linrep's own messages to the user (a tracking outage, a
+# probe given up), shown on the console as well as in the log
+OWN_WARNINGS = ("warning: ", "MLflow writes resumed")
+
+
 def emit(kind: str, **fields: Any) -> None:
     """One progress event from a worker (rank 0) to the driver's display, through Ray's log stream."""
     print(PROGRESS_MAGIC + json.dumps({"kind": kind, **fields}, separators=(",", ":")), flush=True)
@@ -323,6 +328,10 @@ class Session:
                 self.on_event(event)
         if not rest:
             return
+        if not self.verbose:  # linrep's own warnings from workers and actors stay on the console
+            for line in rest:
+                if line.startswith(OWN_WARNINGS):
+                    self.display.note(line)
         who = data.get("actor_name") or data.get("task_name") or ""
         ip = data.get("ip")
         where = f"({who + ' ' if who else ''}pid={data.get('pid')}{', ip=' + ip if ip and ip != data.get('localhost') else ''})"

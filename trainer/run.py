@@ -261,17 +261,27 @@ def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = 
     console = progress.current_session()  # None inside a sweep's trial: the sweep's driver shows it
     if console:
         console.attach_run(handle.run_dir)
-    failed = True
+    failed, result = True, None
     try:
-        result = trainer.fit()
-        err = getattr(result, "error", None)
+        try:
+            result = trainer.fit()
+            err = getattr(result, "error", None)
+        except Exception as raised:  # Ray Train raises its worker-group failures: keep their text (root cause)
+            if raised.__class__.__name__ not in TRAIN_FAILURES:
+                raise
+            err = raised
         failed = err is not None
     finally:
         if console:
             console.end_run(failed)
             save_log(handle, console.log.path)
-    ckpt = result.checkpoint.path if result.checkpoint else None
-    return RunResult(handle, dict(result.metrics or {}), ckpt, error=str(err) if err else None)
+    ckpt = result.checkpoint.path if result is not None and result.checkpoint else None
+    metrics = dict(result.metrics or {}) if result is not None else {}
+    return RunResult(handle, metrics, ckpt, error=str(err) if err else None)
+
+
+# what Ray Train 2.60's fit() raises when the run fails (the workers' errors are in its text)
+TRAIN_FAILURES = ("WorkerGroupError", "TrainingFailedError", "ControllerError")
 
 
 def save_log(handle: RunHandle, path: Path) -> None:
