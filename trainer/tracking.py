@@ -7,7 +7,7 @@ imports mlflow; an import-linter contract enforces it):
   `set_status` / `end_run`, `set_tags`;
 - values: `log_params` (batched; params already on the run are kept), `log_metrics` (one step),
   `MetricLogger` (many steps, buffered), `metric_history` / `metric_points` / `latest_metrics`;
-- files: `log_artifact`, `log_text`, `log_figure`, `log_model` (a checkpoint folder);
+- files: `log_artifact`, `log_text`, `log_figure`; models through trainer/model_logging.py;
 - what the UI browses (trainer/model_logging.py decides what, this module talks to MLflow):
   `log_pyfunc_model` (an MLflow 3 logged model, optionally registered), `download_model`,
   `log_dataset` (a run's input), `start_system_metrics` (CPU, memory, GPU when pynvml is there).
@@ -300,13 +300,6 @@ def log_figure(uri: str, run_id: str, figure, name: str) -> None:
     _client(uri).log_figure(run_id, figure, name)
 
 
-def log_model(uri: str, run_id: str, checkpoint_dir: Path, artifact_path: str = "model") -> None:
-    """A checkpoint folder (weights, config.yaml, meta.json) as the run's model artifacts: the
-    folder alone rebuilds the classifier (trainer.checkpoint.load_classifier)."""
-    _client(uri).log_artifacts(run_id, str(checkpoint_dir), artifact_path)
-
-
-# ---- what the UI browses: models, datasets, system metrics -------------------------------------
 def _fluent_uri(uri: str):
     """MLflow's model logging reads the tracking URI from its global state: MLflow's own context
     sets it for the call and puts back what was there (a sweep's driver talks to one store, a
