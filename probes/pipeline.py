@@ -51,7 +51,11 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
     cfg = handle.cfg
     if handle.run_id:
         tracking.set_tags(handle.tracking_uri, handle.run_id, {RUN_DIR_TAG: str(handle.run_dir)})
-        model_logging.log_run_dataset(handle.tracking_uri, handle.run_id, cfg)
+        try:  # what the run trained on, for the UI: a store error costs the record, not the run
+            model_logging.log_run_dataset(handle.tracking_uri, handle.run_id, cfg)
+        except Exception as err:
+            print(f"warning: the dataset of MLflow run {handle.run_id} was not logged: "
+                  f"{err.__class__.__name__}: {str(err)[:200]}", file=sys.stderr, flush=True)
     actor = start_probe_actor(handle.tracking_uri, handle.run_id, cfg) if cfg.probe.enabled else None
     if actor is not None:
         queue_unprobed(handle, actor)
@@ -87,11 +91,22 @@ def publish_run(handle: RunHandle) -> None:
     UI shows (trainer/model_logging.py). A failure here warns: the training itself is done."""
     if not handle.run_id:
         return
+    publish_outputs(handle.tracking_uri, handle.run_id, handle.run_dir, handle.cfg,
+                    models=handle.cfg.tracking.log_models is not False)
+
+
+def publish_outputs(uri: str, run_id: str, run_dir: Location, cfg: Config, *, models: bool = True,
+                    plot: bool = True) -> None:
+    """A finished run's probe plot and final and best classifiers, each when asked; a failure
+    warns. A sweep calls it with plot=False for its best child run (whose trial logged the plot)."""
     try:
-        best_metric = BEST_METRIC[probe_family(handle.cfg)] if handle.cfg.probe.enabled else None
-        model_logging.log_run_outputs(handle.tracking_uri, handle.run_id, handle.run_dir, handle.cfg, best_metric)
+        best_metric = BEST_METRIC[probe_family(cfg)] if cfg.probe.enabled else None
+        if models:
+            model_logging.log_run_models(uri, run_id, run_dir, cfg, best_metric)
+        if plot:
+            model_logging.log_probe_plot(uri, run_id, best_metric)
     except Exception as err:
-        print(f"warning: could not log the models of MLflow run {handle.run_id}: "
+        print(f"warning: could not log the models of MLflow run {run_id}: "
               f"{err.__class__.__name__}: {str(err)[:200]}", file=sys.stderr, flush=True)
 
 

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import LINREP, run_linrep
+from trainer import tracking
 from trainer.errors import UserError
 from tune.spec import build_plan, load_spec, parse_spec
 from tune.folder import STATE_FILE, TrialLedger
@@ -301,6 +302,11 @@ def check_finished_sweep(tmp_path: Path, name: str, n_trials: int, out: subproce
         assert png.read_bytes()[:8] == PNG_MAGIC
     if out is not None:
         assert "| configuration | n | r2_affine |" in out.stdout
+    # tracking.log_models unset: the trials log no models, the best child (linked) gets them at the end
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    best = client.get_run(parent).data.tags["linrep.best_child_run_id"]
+    with_models = {c.info.run_id for c in children if tracking.logged_models(uri, c.info.run_id)}
+    assert with_models == {best}, (with_models, best)
     return parent, children
 
 

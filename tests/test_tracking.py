@@ -149,6 +149,40 @@ def test_dataset_of_a_synthetic_run(store):
     assert model_logging.dataset_record(same)["digest"] == record["digest"]   # not the optimiser's
 
 
+def test_a_dataset_another_run_inserted_meanwhile_is_linked_not_an_error(store):
+    """A sweep's trials start together on the same data, and MLflow looks the dataset row up, then
+    inserts it: the slower one's insert failed on the unique key and failed its trial (seen in CI;
+    6 processes at once: 1 lost). Here a second writer inserts the row exactly between the
+    look-up and the insert, every time: the log retries, finds that row and links the run to it."""
+    import sqlite3
+    import uuid
+
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    cfg, uri, run_id = store
+    exp_id = int(tracking.ensure_experiment(uri, cfg.experiment_name))
+    raced = []
+
+    def another_run_inserts_first(session, flush_context, instances):
+        if raced or not any(type(o).__name__ == "SqlDataset" for o in session.new):
+            return
+        raced.append(True)
+        with sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=20) as other:
+            other.execute("INSERT INTO datasets (dataset_uuid, experiment_id, name, digest, dataset_source_type,"
+                          " dataset_source) VALUES (?, ?, 'shared', '0123abcd', 'synthetic', '{}')",
+                          (uuid.uuid4().hex, exp_id))
+
+    event.listen(Session, "before_flush", another_run_inserts_first)
+    try:
+        tracking.log_dataset(uri, run_id, name="shared", digest="0123abcd", source_type="synthetic",
+                             source={"uri": "synthetic://dgp"})
+    finally:
+        event.remove(Session, "before_flush", another_run_inserts_first)
+    assert raced  # the other insert did land between MLflow's look-up and its own insert
+    assert [d["digest"] for d in tracking.run_datasets(uri, run_id)] == ["0123abcd"]
+
+
 def test_system_metrics_are_logged_and_the_thread_stops(store):
     cfg, uri, run_id = store
     before = set(threading.enumerate())

@@ -271,6 +271,10 @@ class TrackingConfig(_Section):
     register_model: str | None = None
     """Register the run's best-by-probe classifier (the final one when no probe ran) as a version of
     this MLflow registered model; None = log the models without registering them."""
+    log_models: bool | None = None
+    """Log the run's classifiers (the final one, and the best by the probe headline) as MLflow
+    models when it ends. None = yes for a run; in a sweep, only the best child run's, logged when
+    the sweep ends (each trial's took 2-5 s of a few-second trial). true/false: every run, or none."""
     system_metrics_s: float = Field(10.0, ge=0)
     """Seconds between samples of CPU, memory and GPU use logged as system/* metrics; 0 = off."""
 

@@ -270,10 +270,3 @@ def log_probe_plot(uri: str, run_id: str, metric: str | None, name: str = "plots
     tracking.log_figure(uri, run_id, fig, name)
     plt.close(fig)
     return True
-
-
-def log_run_outputs(uri: str, run_id: str, run_dir, cfg: Config, best_metric: str | None) -> dict[str, Any]:
-    """After a finished run: its models and its probe plot. Returns what was logged."""
-    models = log_run_models(uri, run_id, run_dir, cfg, best_metric)
-    plotted = log_probe_plot(uri, run_id, best_metric)
-    return {"models": {k: asdict(v) for k, v in models.items()}, "plot": plotted}

@@ -377,7 +377,28 @@ def log_dataset(uri: str, run_id: str, *, name: str, digest: str, source_type: s
     dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps(source),
                       schema=json.dumps(schema) if schema else None,
                       profile=json.dumps(profile) if profile else None)
-    _client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+    client = _client(uri)
+    for attempt in range(DATASET_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as err:
+            # MLflow looks the dataset up, then inserts it: two runs logging the same dataset at once
+            # (a sweep's trials starting together) race, and the loser's insert fails on the unique
+            # key (seen: 1 of 6 processes). Again, it finds the winner's row and links to it.
+            if attempt == DATASET_ATTEMPTS - 1 or not _lost_insert_race(err):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+DATASET_ATTEMPTS = 3
+
+
+def _lost_insert_race(err: Exception) -> bool:
+    """A unique-key violation (sqlite, PostgreSQL, MySQL wording): another writer inserted the row."""
+    text = str(err)
+    return any(s in text for s in ("UNIQUE constraint failed", "duplicate key", "IntegrityError"))
 
 
 def run_datasets(uri: str, run_id: str) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ from trainer.errors import RuntimeFault, UserError
 from trainer.storage import Location, locate
 from tune.folder import STATE_FILE, TERMINAL, TrialLedger, ledger_counts, read_state, write_plan, write_state
 from tune.spec import SweepPlan, Trial, build_plan, load_spec, trial_config
-from tune.summary import Summary, publish_summary
+from tune.summary import Summary, best_trial, publish_summary
 
 TRIAL_MEMORY = 128 * 2**20  # the trial function's reservation: a little memory, no CPU (see module doc)
 SWEEP_TAG = "linrep.sweep"  # on the parent run and every child run: the sweep's name
@@ -87,6 +87,8 @@ def run_trial(trial: Trial, ctx: TrialContext, report: Callable[[dict], None]) -
     os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
     cfg = trial_config(trial, locate(ctx.sweep_dir) / "runs")
     cfg.tracking.uri = None
+    if cfg.tracking.log_models is None:  # the sweep logs its best child's models when it ends
+        cfg.tracking.log_models = False
     handle = prepare_run(cfg, parent_run_id=ctx.parent_run_id)
     if handle.run_id:
         tracking.set_tags(ctx.tracking_uri, handle.run_id, {
@@ -138,8 +140,12 @@ def abort_active_run(timeout_s: float = 180.0) -> None:
 
 
 def _first_line(err: BaseException) -> str:
+    """The exception in one line: its class and the line that names the cause (a Ray error's
+    first line only names the actor it came from)."""
+    from probes.pipeline import root_cause
+
     text = str(err).strip()
-    return f"{err.__class__.__name__}: {text.splitlines()[0][:300] if text else ''}"
+    return f"{err.__class__.__name__}: {root_cause(text) if text else ''}"
 
 
 class _ControllerBox:
@@ -443,13 +449,41 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     for result in grid:
         if result.error is not None:
             key = Path(result.path).name if result.path else "?"
-            failed[key] = str(result.error).strip().splitlines()[0][:200] if str(result.error).strip() else "error"
+            failed[key] = failure_cause(plan, key, str(result.error))
     counts = ledger_counts(plan.sweep_dir, [t.key for t in plan.trials])
     mark_stopped_runs(plan, uri)
     summary, artifacts = publish_summary(plan, uri, parent, out=out, extra_tables=extra_tables)
+    log_best_child_models(plan, summary, uri)
     complete = counts.get("finished", 0) + counts.get("stopped", 0) == len(plan.trials)
     tracking.set_status(uri, parent, "FINISHED" if complete else ("FAILED" if failed else "KILLED"))
     return SweepOutcome(plan, parent, uri, plan.sweep_dir, counts, summary, artifacts, failed)
+
+
+def log_best_child_models(plan: SweepPlan, summary: Summary | None, uri: str) -> None:
+    """With tracking.log_models unset, trials log no models (2-5 s each): the best child run, the
+    one the parent run links to, gets its final and best classifiers here (once: a rerun of a
+    finished sweep finds them logged)."""
+    from probes.pipeline import publish_outputs
+    from trainer.run import contained_run_dir, storage_root
+
+    child = best_trial(summary) if summary is not None else None
+    if child is None:
+        return
+    cfg = trial_config(child.trial, locate(plan.sweep_dir) / "runs")
+    if cfg.tracking.log_models is not None:  # set in the spec: each trial logged its own, or none did
+        return
+    run_dir = contained_run_dir(locate(storage_root(cfg.run.storage)), cfg.run_name())
+    publish_outputs(uri, child.run_id, run_dir, cfg, plot=False)
+
+
+def failure_cause(plan: SweepPlan, key: str, error: str) -> str:
+    """What stopped a failed trial, in one line: what its ledger recorded (the trial's own
+    exception), else the line of Tune's error that names the cause (its first line only names the
+    trial actor: 'ray::ResourceTrainable.train() (pid=..., ip=...)')."""
+    from probes.pipeline import root_cause
+
+    recorded = TrialLedger(plan.sweep_dir, key).read().get("error") if key != "?" else None
+    return (recorded or root_cause(error) if error.strip() else recorded or "error")[:300]
 
 
 def mark_stopped_runs(plan: SweepPlan, uri: str) -> None:
