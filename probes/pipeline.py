@@ -19,9 +19,6 @@ from trainer.storage import Location, locate
 
 RUN_DIR_TAG = "linrep.run_dir"
 PROBED_KEY = "probe/seconds"  # every probe family logs it
-# how long the driver keeps retrying the run's final status while the tracking server is away (a
-# restart takes seconds to a minute); after that the run is left RUNNING with a warning
-END_RUN_WAIT_S = 60.0
 
 
 @dataclass
@@ -70,7 +67,7 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
     finally:
         if handle.run_id:
             try:
-                tracking.end_run(handle.tracking_uri, handle.run_id, status, wait_s=END_RUN_WAIT_S)
+                tracking.end_run(handle.tracking_uri, handle.run_id, status, wait_s=cfg.tracking.outage_wait_s)
             except Exception as err:  # a tracking outage must not hide the training outcome
                 print(f"warning: could not mark MLflow run {handle.run_id} {status}: {err.__class__.__name__}",
                       file=sys.stderr)

@@ -1,6 +1,9 @@
 """End to end through the MLflow UI: `mlflow server` on 127.0.0.1, a small sweep logged to it over
 http, then headless Chromium (Debian's chromium + chromedriver, driven by Selenium) finds the
-sweep's parent run, its child runs and the summary plot among the parent run's artifacts.
+sweep's parent run, its child runs and the summary plot among the parent run's artifacts, then
+opens the best child run as its users browse a run: its logged and registered model, its dataset,
+a metrics chart, its system metrics and its probe plot among its artifacts. (One sweep for both:
+each `linrep` command and server start costs ~100 s of the suite.)
 
 Screenshots of every step land in the test's tmp folder (kept by pytest) for debugging."""
 
@@ -86,20 +89,36 @@ def make_driver(profile: Path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
-def test_mlflow_ui_shows_the_sweep_its_children_and_the_summary_plot(tmp_path, mlflow_server):
+def test_mlflow_ui_shows_the_sweep_its_children_and_its_best_runs_model_dataset_and_plots(tmp_path, mlflow_server):
     spec = {"name": SWEEP, "base": "synthetic-supervised", "classes": [10, 20], "seeds": 1, "max_concurrent": 2,
             "overrides": {"optim.steps": 100, "optim.warmup_steps": 10, "run.checkpoint_every": 50,
-                          "run.log_every": 50, "model.hidden": [32, 32], "data.generator_pool": 500,
-                          "probe.samples": 1024}}
+                          "run.log_every": 25, "model.hidden": [32, 32], "data.generator_pool": 500,
+                          "probe.samples": 1024, "tracking.system_metrics_s": 1,
+                          "tracking.register_model": "browse-classifier"}}
     (tmp_path / "browse.yaml").write_text(yaml.safe_dump(spec))
     out = run_linrep(["sweep", str(tmp_path / "browse.yaml")], cwd=tmp_path, timeout=900,
                      env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert not (tmp_path / "mlruns").exists()  # everything went to the server
 
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    (parent,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id],
+                                   filter_string=f"tags.`linrep.role` = 'sweep'")
+    best = client.get_run(parent.data.tags["linrep.best_child_run_id"])
+    # the sweep logged (and registered) the best child's models, no other trial's
+    models = client.search_logged_models([best.info.experiment_id])
+    assert {m.source_run_id for m in models} == {best.info.run_id} and "final" in {m.name for m in models}
+    (version,) = client.search_model_versions("name = 'browse-classifier'")
+    assert version.run_id == best.info.run_id and version.version == "1"
+    dataset = best.inputs.dataset_inputs[0].dataset
+    assert dataset.name.startswith("synthetic-d") and dataset.source_type == "synthetic"
+
     driver = make_driver(tmp_path / "chrome-profile")
     try:
         browse_sweep(driver, mlflow_server, tmp_path)
+        browse_run(driver, mlflow_server, best.info.experiment_id, best.info.run_id, dataset.name, tmp_path)
     finally:
         driver.quit()
 
@@ -154,6 +173,62 @@ def browse_sweep(driver, url: str, shots: Path) -> None:
                                            and int(img.get_attribute("naturalWidth") or 0) > 300), False))
         screenshot("summary-plot")
         assert int(image.get_attribute("naturalWidth")) == 792  # the PNG summary.py wrote (7.2 in x 110 dpi)
+    except Exception:
+        screenshot("failure")
+        raise
+
+
+def browse_run(driver, url: str, experiment_id: str, run_id: str, dataset: str, shots) -> None:
+    """Run page -> its dataset and logged model -> the metrics charts -> the plot among its artifacts."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, 45)
+    counter = iter(range(1, 100))
+
+    def screenshot(name: str) -> None:
+        driver.save_screenshot(str(shots / f"ui-{next(counter):02d}-{name}.png"))
+
+    def by_text(text: str):
+        return (By.XPATH, f"//*[normalize-space(text())='{text}']")
+
+    def containing(text: str):
+        return (By.XPATH, f"//*[contains(normalize-space(text()), '{text}')]")
+
+    def click_text(text: str) -> None:
+        wait.until(EC.element_to_be_clickable(by_text(text))).click()
+
+    try:
+        # 1. the run's overview: its dataset (name, digest) and its logged model
+        driver.get(f"{url}/#/experiments/{experiment_id}/runs/{run_id}")
+        wait.until(EC.presence_of_element_located(containing(dataset)))       # Datasets: name (digest)
+        wait.until(EC.presence_of_element_located(by_text("browse-classifier")))  # Registered models
+        model_links = [a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "a[href*='/models/m-']")]
+        assert model_links, "no link to a logged model on the run page"
+        screenshot("overview")
+        # 2. the metrics charts: the training loss, and the system metrics in their own section
+        click_text("Model metrics")  # charts grouped by prefix ("probe" first); legends name the full key
+        wait.until(EC.presence_of_element_located(containing("(probe/r2_affine)")))
+        assert driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")
+        screenshot("metrics")
+        click_text("System metrics")
+        wait.until(EC.presence_of_element_located(containing("cpu_utilization_percentage")))
+        screenshot("system-metrics")
+        # 3. the artifacts: the probe curve renders as an image (the PNG model_logging wrote)
+        click_text("Artifacts")
+        click_text("plots")
+        click_text("probe_curve.png")
+        image = wait.until(lambda d: next((img for img in d.find_elements(By.TAG_NAME, "img")
+                                           if (img.get_attribute("src") or "").startswith("blob:")
+                                           and int(img.get_attribute("naturalWidth") or 0) > 300), False))
+        screenshot("probe-plot")
+        assert int(image.get_attribute("naturalWidth")) == 640  # 6.4 in x 100 dpi (log_figure's default)
+        # 4. the logged model's own page: its name and the run it came from
+        driver.get(model_links[0])
+        wait.until(EC.presence_of_element_located(by_text("final")))
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f"a[href*='{run_id}']")))
+        screenshot("logged-model")
     except Exception:
         screenshot("failure")
         raise

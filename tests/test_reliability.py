@@ -243,7 +243,7 @@ def test_sha256_mismatch_stops_or_is_skipped(tmp_path, dsprites_tiny):
     shard.write_bytes(bytes(data))
     base = ["train", "dislib-dsprites-mlp", f"data.root={root}", "optim.steps=10", *DS_ARGS, "run.checkpoint_every=10"]
     stopped = run_linrep(base, cwd=tmp_path, timeout=300)
-    assert stopped.returncode == 1
+    assert stopped.returncode == 2  # bad input, met at preflight
     err = [l for l in stopped.stderr.splitlines() if l.strip()]
     assert len(err) == 1 and "train-000001.tar" in err[0] and "sha256" in err[0]
     assert not (tmp_path / "ray_results").exists()  # stopped before any training
@@ -313,7 +313,7 @@ def test_tracking_server_lost_mid_run_training_finishes_and_warns(tmp_path):
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     args = ["train", "synthetic-supervised", "optim.steps=800", "run.checkpoint_every=100", "run.log_every=20",
-            f"tracking.uri=http://127.0.0.1:{port}", "run.name=outage", *SMALL]
+            f"tracking.uri=http://127.0.0.1:{port}", "run.name=outage", "tracking.outage_wait_s=5", *SMALL]
     proc = subprocess.Popen([*LINREP, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:

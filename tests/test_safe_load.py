@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_linrep
-from trainer.checkpoint import make_meta, write_checkpoint
+from trainer.checkpoint import PRUNED_MARKER, list_checkpoints, make_meta, write_checkpoint
 from trainer.config import load_config
 from trainer.engine import TorchEngine
 from trainer.errors import UserError
@@ -132,14 +132,18 @@ def test_deepspeed_engine_loads_weights_only_and_refuses_code(tmp_path):
 def test_resume_from_a_crafted_deepspeed_checkpoint_is_one_line(tmp_path, shared_ray):
     """Train (DeepSpeed ZeRO-1, one worker) to a checkpoint, replace every .pt file by one carrying
     code, rerun the same command: exit 2, one line naming the folder, the code never ran."""
-    args = ["train", "synthetic-supervised", "optim.engine=deepspeed", "optim.zero_stage=1", "optim.steps=10",
+    args = ["train", "synthetic-supervised", "optim.engine=deepspeed", "optim.zero_stage=1", "optim.steps=30",
             "optim.warmup_steps=1", "run.checkpoint_every=10", "run.workers=1", "probe.enabled=false",
-            "model.learn_temperature=false", "model.hidden=[16]", "data.generator_pool=200", "optim.batch_size=64",
-            "run.name=crafted"]
-    # the first run joins the session's Ray (shared_ray): only its checkpoint matters here
+            "run.keep_checkpoints=1", "model.learn_temperature=false", "model.hidden=[16]",
+            "data.generator_pool=200", "optim.batch_size=64", "run.name=crafted"]
+    # the first run joins the session's Ray (shared_ray): only its checkpoints matter here
     first = run_linrep(args, cwd=tmp_path, timeout=600, env=shared_ray)
     assert first.returncode == 0, first.stderr[-3000:]
-    ckpt = tmp_path / "ray_results" / "crafted" / "checkpoint_00000010"
+    run_dir = tmp_path / "ray_results" / "crafted"
+    # retention without a probe actor: run.keep_checkpoints=1 leaves the newest complete, the others pruned
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint_00000030"]
+    assert all((run_dir / f"checkpoint_{s:08d}" / PRUNED_MARKER).is_file() for s in (10, 20))
+    ckpt = run_dir / "checkpoint_00000030"
     marker = tmp_path / "MARKER"
     assert sorted(craft(ckpt, marker)) == ["ds/mp_rank_00_model_states.pt",
                                            "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "model.pt"]

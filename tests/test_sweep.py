@@ -306,7 +306,8 @@ def check_finished_sweep(tmp_path: Path, name: str, n_trials: int, out: subproce
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     best = client.get_run(parent).data.tags["linrep.best_child_run_id"]
     with_models = {c.info.run_id for c in children if tracking.logged_models(uri, c.info.run_id)}
-    assert with_models == {best}, (with_models, best)
+    assert with_models == {best}, (with_models, best, [l for l in (out.stderr if out else "").splitlines()
+                                                       if "warning" in l.lower()][-5:])
     return parent, children
 
 

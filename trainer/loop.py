@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.checkpoint import is_complete, list_checkpoints, make_meta, read_meta, write_checkpoint
+from trainer.checkpoint import is_complete, list_checkpoints, make_meta, prune_checkpoints, read_meta, write_checkpoint
 from trainer.config import Config, from_dict
 from trainer.data.sources import TrainData, create_train_data
 from trainer.engine import rank0_decides, setup_engine
@@ -100,6 +100,17 @@ def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: di
     nth = step // cfg.run.checkpoint_every
     if rank == 0 and ctx.probe_actor is not None and (nth % cfg.probe.every == 0 or step == cfg.optim.steps):
         ctx.probe_actor.probe.remote(str(locate(ctx.run_dir) / checkpoint_dir_name(step)), step)
+    elif rank == 0 and ctx.probe_actor is None:
+        retain_without_probes(ctx, cfg)
+
+
+def retain_without_probes(ctx: LoopContext, cfg: Config) -> None:
+    """run.keep_checkpoints when no probe actor applies it (probe.enabled=false): the latest K, once
+    the report has persisted the newest (without this, a bench run with keep 3 kept all 6)."""
+    try:
+        prune_checkpoints(ctx.run_dir, cfg.run.keep_checkpoints)
+    except OSError as err:
+        print(f"warning: checkpoint retention failed: {err}", file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -228,7 +239,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = restore(engine, ctx.run_dir)
     logger = None
     if rank == 0 and ctx.tracking_uri and ctx.run_id:
-        logger = MetricLogger(ctx.tracking_uri, ctx.run_id, background=True)  # a hung server never stalls a step
+        # background: a hung server never stalls a step; close waits out a restart at the run's end
+        logger = MetricLogger(ctx.tracking_uri, ctx.run_id, background=True,
+                              close_timeout_s=cfg.tracking.outage_wait_s)
         if start_step:
             logger.resume_from(["train/loss", "train/acc", "train/samples_per_s", "train/lr",
                                 "train/temperature", *data.stats().keys()])
@@ -241,5 +254,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if system:
             system.stop()
         if logger:
-            logger.close()
+            logger.close(retries=None)  # until written or tracking.outage_wait_s has passed
         sys.stdout.flush()

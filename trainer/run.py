@@ -52,19 +52,26 @@ class RunResult:
 
 
 def preflight(cfg: Config) -> None:
-    """Checks that need files, before Ray starts: the shard folder, its manifest, the label scheme
-    and every training shard's sha256 (cached after the first pass)."""
+    """Checks that need files, before Ray starts: the shard folder, its manifest, the label scheme,
+    samples in the splits the run reads, and every training shard's sha256 and samples (cached after
+    the first pass, trainer/data/integrity.py). A bad shard is bad input here: one line, exit 2."""
     if cfg.is_synthetic:
         return
-    from trainer.data.integrity import verified
+    from trainer.data.integrity import require_samples, verified
     from trainer.data.labels import create_label_scheme
     from trainer.data.shards import load_manifest
+    from trainer.errors import RuntimeFault
 
     manifest = load_manifest(cfg.data.root)
     create_label_scheme(cfg.data, manifest, cfg.data_seed)
     if "val" not in manifest.splits:
         raise UserError(f"data.root={cfg.data.root}: the manifest has no 'val' split for probes and val/acc")
-    verified(manifest, "train", cfg.data.on_error)
+    if cfg.probe.enabled:
+        require_samples(manifest, "val")
+    try:
+        verified(manifest, "train", cfg.data.on_error)
+    except RuntimeFault as err:  # met before anything runs: the input is bad, not the run
+        raise UserError(str(err)) from None
 
 
 def absolute_data_root(cfg: Config) -> None:

@@ -637,27 +637,33 @@ class MetricLogger:
             self._backoff_s = 0.0
             return True
 
-    def close(self, retries: int = 3, wait_s: float = 2.0) -> None:
-        """A last few tries, then a warning counting what could not be written. In background mode
-        the whole close takes at most close_timeout_s, even against a hung server."""
+    def close(self, retries: int | None = 3, wait_s: float = 2.0) -> None:
+        """Last tries every wait_s until the buffer is written, `retries` tries were made (None: no
+        limit) or close_timeout_s has passed; then a warning counting what could not be written.
+        The training loop closes with retries=None and close_timeout_s=tracking.outage_wait_s: a
+        store restarting at the end of a run gets its last steps once it is back. In background
+        mode the close takes at most close_timeout_s, even against a hung server."""
+        deadline = time.monotonic() + self._close_timeout_s
         if self._writer is not None:
             self._stop.set()
             self._wake.set()
-            closer = threading.Thread(target=self._last_tries, args=(retries, wait_s), daemon=True)
+            closer = threading.Thread(target=self._last_tries, args=(retries, wait_s, deadline), daemon=True)
             closer.start()
             closer.join(self._close_timeout_s)
         else:
-            self._last_tries(retries, wait_s)
+            self._last_tries(retries, wait_s, deadline)
         with self._lock:
             left = len(self.buffer) + self.dropped
         if left:
             print(f"warning: {left} metric values could not be written to "
                   f"MLflow ({redact(self.uri)}) and were dropped", file=sys.stderr, flush=True)
 
-    def _last_tries(self, retries: int, wait_s: float) -> None:
-        for _ in range(retries):
-            if self._write(force=True):
-                break
+    def _last_tries(self, retries: int | None, wait_s: float, deadline: float) -> None:
+        tries = 0
+        while not self._write(force=True):
+            tries += 1
+            if (retries is not None and tries >= retries) or time.monotonic() + wait_s >= deadline:
+                return
             time.sleep(wait_s)
 
 

@@ -473,7 +473,7 @@ def log_best_child_models(plan: SweepPlan, summary: Summary | None, uri: str) ->
     if cfg.tracking.log_models is not None:  # set in the spec: each trial logged its own, or none did
         return
     run_dir = contained_run_dir(locate(storage_root(cfg.run.storage)), cfg.run_name())
-    publish_outputs(uri, child.run_id, run_dir, cfg, plot=False)
+    publish_outputs(uri, child.run_id, run_dir, cfg, plot=False)  # a failure warns: the sweep is done
 
 
 def failure_cause(plan: SweepPlan, key: str, error: str) -> str:

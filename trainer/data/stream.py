@@ -189,6 +189,7 @@ class SampleDecoder:
         self.mode = "L" if manifest.channels == 1 else "RGB"
         self.size = image_size
         self.transform = transform
+        self.num_factors = len(manifest.factors)
         self._npy_header: tuple[bytes, np.dtype, int] | None = None
 
     def image(self, data: bytes) -> torch.Tensor:
@@ -213,6 +214,8 @@ class SampleDecoder:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
             if arr.dtype.kind in "fiu" and arr.flags.c_contiguous and len(data) > arr.nbytes:
                 self._npy_header = (data[:len(data) - arr.nbytes], arr.dtype, len(data))
+        if arr.size != self.num_factors:  # a batch of unequal vectors would not stack
+            raise ValueError(f"factors.npy holds {arr.size} values, manifest.json lists {self.num_factors} factors")
         return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1).copy())
 
     def __call__(self, sample: dict) -> dict:
@@ -235,13 +238,28 @@ def _png_fits(data: bytes, mode: str, size: int) -> bool:
     return width == height == size and interlace == 0 and depth in _PNG_SAME_MODE.get((mode, colour), ())
 
 
-def _decode_stage(samples: Iterator[dict], decoder: SampleDecoder, fault: _Fault) -> Iterator[dict]:
+def _decode_stage(samples: Iterator[dict], decoder: SampleDecoder, fault: _Fault,
+                  give_up: int | None = None) -> Iterator[dict]:
+    """Decoded samples; an undecodable one goes to the fault policy. `give_up` undecodable samples
+    in a row (more than the reader's shards hold) stop even a skipping reader, which would
+    otherwise cycle through them forever."""
+    in_a_row, message = 0, ""
     for sample in samples:
         try:
-            yield decoder(sample)
+            decoded = decoder(sample)
         except Exception as err:  # any undecodable field of any sample: PIL, numpy, KeyError, ...
-            fault(f"shard {sample.get('__url__')}: sample {sample.get('__key__')}: undecodable "
-                  f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})")
+            message = (f"shard {sample.get('__url__')}: sample {sample.get('__key__')}: undecodable "
+                       f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'})")
+            in_a_row += 1
+            if give_up is None or in_a_row < give_up:
+                fault(message)
+                continue
+            break
+        in_a_row = 0
+        yield decoded
+    if give_up is not None and in_a_row >= give_up:
+        raise RuntimeFault(f"no decodable sample in {in_a_row} in a row, more than the shards hold "
+                           f"(data.on_error=skip cannot train on them), e.g. {message}")
 
 
 def collate(samples: list[dict]) -> dict:
@@ -295,7 +313,9 @@ class _TrainStream(torch.utils.data.IterableDataset):
         if buffer > 1:
             # Shuffle raw bytes (cheap to hold), before decoding.
             stages.append(wds.shuffle(buffer, initial=buffer, rng=random.Random(seed + 1)))
-        stages += [lambda src: _decode_stage(src, self.decoder, fault),
+        known = [sl.num_samples for sl in mine]
+        give_up = None if None in known else 2 * sum(known) + buffer + 1  # two passes and a buffer
+        stages += [lambda src: _decode_stage(src, self.decoder, fault, give_up),
                    wds.batched(self.batch_size, collation_fn=_with_skips(fault), partial=False)]
         return iter(wds.DataPipeline(*stages).with_epoch(nbatches=quota))
 
