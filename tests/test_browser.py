@@ -117,29 +117,52 @@ def test_mlflow_ui_shows_the_sweep_its_children_and_its_best_runs_model_dataset_
 
     driver = make_driver(tmp_path / "chrome-profile")
     try:
-        browse_sweep(driver, mlflow_server, tmp_path)
-        browse_run(driver, mlflow_server, best.info.experiment_id, best.info.run_id, dataset.name, tmp_path)
+        page = Page(driver, tmp_path)
+        browse_sweep(page, mlflow_server)
+        browse_run(page, mlflow_server, best.info.experiment_id, best.info.run_id, dataset.name)
     finally:
         driver.quit()
 
 
-def browse_sweep(driver, url: str, shots: Path) -> None:
+class Page:
+    """The browser and what every step uses: a wait, text locators, numbered screenshots (one
+    sequence across pages, in the test's tmp folder)."""
+
+    def __init__(self, driver, shots: Path, timeout: float = 60):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.driver, self.shots = driver, shots
+        self.wait = WebDriverWait(driver, timeout)
+        self._count = iter(range(1, 1000))
+
+    def screenshot(self, name: str) -> None:
+        self.driver.save_screenshot(str(self.shots / f"ui-{next(self._count):02d}-{name}.png"))
+
+    @staticmethod
+    def by_text(text: str):
+        from selenium.webdriver.common.by import By
+
+        return (By.XPATH, f"//*[normalize-space(text())='{text}']")
+
+    @staticmethod
+    def containing(text: str):
+        from selenium.webdriver.common.by import By
+
+        return (By.XPATH, f"//*[contains(normalize-space(text()), '{text}')]")
+
+    def click_text(self, text: str) -> None:
+        from selenium.webdriver.support import expected_conditions as EC
+
+        self.wait.until(EC.element_to_be_clickable(self.by_text(text))).click()
+
+
+def browse_sweep(page: "Page", url: str) -> None:
     """Experiments page -> runs table -> parent run -> its children -> its artifacts -> the plot."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, 60)
-    counter = iter(range(1, 100))
-
-    def screenshot(name: str) -> None:
-        driver.save_screenshot(str(shots / f"ui-{next(counter):02d}-{name}.png"))
-
-    def by_text(text: str):
-        return (By.XPATH, f"//*[normalize-space(text())='{text}']")
-
-    def click_text(text: str) -> None:
-        wait.until(EC.element_to_be_clickable(by_text(text))).click()
+    driver, wait = page.driver, page.wait
+    screenshot, by_text, click_text = page.screenshot, page.by_text, page.click_text
 
     try:
         # 1. the experiments page lists the study's experiment; open its runs in the model-training view
@@ -178,26 +201,13 @@ def browse_sweep(driver, url: str, shots: Path) -> None:
         raise
 
 
-def browse_run(driver, url: str, experiment_id: str, run_id: str, dataset: str, shots) -> None:
+def browse_run(page: "Page", url: str, experiment_id: str, run_id: str, dataset: str) -> None:
     """Run page -> its dataset and logged model -> the metrics charts -> the plot among its artifacts."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, 45)
-    counter = iter(range(1, 100))
-
-    def screenshot(name: str) -> None:
-        driver.save_screenshot(str(shots / f"ui-{next(counter):02d}-{name}.png"))
-
-    def by_text(text: str):
-        return (By.XPATH, f"//*[normalize-space(text())='{text}']")
-
-    def containing(text: str):
-        return (By.XPATH, f"//*[contains(normalize-space(text()), '{text}')]")
-
-    def click_text(text: str) -> None:
-        wait.until(EC.element_to_be_clickable(by_text(text))).click()
+    driver, wait = page.driver, page.wait
+    screenshot, by_text, containing, click_text = page.screenshot, page.by_text, page.containing, page.click_text
 
     try:
         # 1. the run's overview: its dataset (name, digest) and its logged model
