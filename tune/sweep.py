@@ -483,7 +483,7 @@ def failure_cause(plan: SweepPlan, key: str, error: str) -> str:
     from probes.pipeline import root_cause
 
     recorded = TrialLedger(plan.sweep_dir, key).read().get("error") if key != "?" else None
-    return (recorded or root_cause(error) if error.strip() else recorded or "error")[:300]
+    return (recorded or (root_cause(error) if error.strip() else "error"))[:300]
 
 
 def mark_stopped_runs(plan: SweepPlan, uri: str) -> None:
