@@ -5,6 +5,7 @@ no Ray: a few seconds)."""
 from __future__ import annotations
 
 import math
+import random
 import warnings
 
 import pytest
@@ -110,8 +111,28 @@ def test_transforms_come_from_timms_factories():
     image = Image.new("L", (48, 40), 128)  # a greyscale image: converted to RGB first
     out = evaluation(image)
     assert out.shape == (3, 32, 32)
+    random.seed(0)  # RandAugment draws its ops and magnitudes from `random`
     torch.manual_seed(0)
     assert train(image.convert("RGB")).shape == (3, 32, 32)
+
+
+def test_randaugment_at_its_top_magnitude_posterizes_to_black_instead_of_failing():
+    """The recipe's RandAugment ('inc1') keeps 4 - int(level * 4 / 10) bits: 0 at magnitude 10, which
+    mstd0.5 reaches for ~2% of draws. Pillow 13 raises on bits=0 and killed a CI run mid-transform;
+    the lock pins Pillow 12, where it is the black image timm means."""
+    from timm.data.auto_augment import AugmentOp
+
+    posterize = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    out = posterize(Image.new("RGB", (32, 32), (200, 120, 90)))
+    assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
+    cfg = load_config("imagenet-vit-b16", ["data.image_size=32"])
+    from trainer.data.imagenet import imagenet_train_transform
+
+    train = imagenet_train_transform(cfg.data, cfg.model.encoder, cfg.model.pretrained)
+    random.seed(1)
+    image = Image.new("RGB", (48, 40), (90, 160, 30))
+    for _ in range(1500):  # ~2 top-magnitude posterizes expected per 1000 draws
+        assert train(image).shape == (3, 32, 32)
 
 
 def test_mixup_cutmix_soft_targets_and_the_soft_loss():
