@@ -108,3 +108,79 @@ def test_stop_at_ends_two_workers_together_after_the_probe_reaches_it(tmp_path):
     (reached_step,) = [int(m.value) for m in client.get_metric_history(run.info.run_id, "train/stop_reached_step")]
     r2 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "probe/r2_affine")}
     assert r2[reached_step] >= 0.6 and reached_step < last
+
+
+def _train_controller(root_pid: int):
+    """The Ray Train controller actor among the processes of this run's tree (the run's own Ray)."""
+    from infra.local.clusterlib import process_tree
+
+    for proc in process_tree(root_pid):
+        try:
+            if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::TrainController"):
+                return proc
+        except Exception:  # a process that ended meanwhile
+            continue
+    return None
+
+
+def _recorded_steps(run_dir: Path) -> list[int]:
+    """The checkpoint steps Ray Train's controller has recorded (its snapshot in the run folder)."""
+    import json
+
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    return [int(r["checkpoint_dir_name"].rsplit("_", 1)[1]) for r in results]
+
+
+def test_a_checkpoint_persisted_but_never_recorded_by_the_controller_is_the_resume_point(tmp_path):
+    """The window between a worker persisting a checkpoint and Ray Train's controller recording it,
+    held open on purpose: the controller is frozen (SIGSTOP) after the first checkpoint, so the
+    worker persists the next ones (up to two: its report queue holds one) that no snapshot lists,
+    then everything is SIGKILLed. The rerun resumes from the newest persisted checkpoint, not the
+    newest recorded one, and every train step and probe is stored once."""
+    steps, every, log = 200, 20, 10
+    args = ["train", "synthetic-supervised", f"optim.steps={steps}", "run.workers=1", f"run.checkpoint_every={every}",
+            f"run.log_every={log}", "probe.samples=1024", "data.generator_pool=1000", "model.hidden=[32,32]",
+            "optim.warmup_steps=5", "run.name=window"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run_dir = tmp_path / "ray_results" / "window"
+    proc = subprocess.Popen([*LINREP, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, controller = time.time() + 300, None
+        while time.time() < deadline and proc.poll() is None:
+            persisted = [read_meta(p)["step"] for p in list_checkpoints(run_dir)] if run_dir.exists() else []
+            if controller is None and persisted:
+                controller = _train_controller(proc.pid)
+                assert controller is not None, "no ray::TrainController in the run's process tree"
+                controller.suspend()  # SIGSTOP: it records nothing from now on
+                frozen_at = max(persisted)
+            elif controller is not None and max(persisted) >= frozen_at + every:
+                time.sleep(2)  # the worker may persist one more before its report queue blocks it
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    persisted = [read_meta(p)["step"] for p in list_checkpoints(run_dir)]
+    recorded = _recorded_steps(run_dir)
+    assert max(persisted) > max(recorded, default=0), (persisted, recorded)  # the window was open
+    assert max(persisted) < steps
+    time.sleep(3)  # let the killed Ray's processes go
+
+    out = subprocess.run([*LINREP, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert f"resumed from step {max(persisted)}" in text, text[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("synthetic").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert metric_steps(uri, run.info.run_id, "train/loss") == list(range(log, steps + 1, log))
+    assert metric_steps(uri, run.info.run_id, "probe/r2_affine") == list(range(every, steps + 1, every))
