@@ -13,7 +13,7 @@ from trainer import model_logging, tracking
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import Config
 from trainer.errors import RuntimeFault, UserError
-from trainer.run import (RunHandle, check_cluster, check_files_and_store, check_ray_address, fit, init_ray,
+from trainer.run import (RunHandle, check_cluster, check_files_and_store, check_ray_address, fit, init_ray, resume_hint,
                          prepare_run)
 from trainer.storage import Location, locate
 
@@ -60,7 +60,8 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
     try:
         result = fit(handle, probe_actor=actor, callbacks=callbacks)
         if result.error:
-            raise RuntimeFault(f"training run {handle.run_key} failed: {root_cause(result.error)}")
+            cause = root_cause(result.error)
+            raise RuntimeFault(f"training run {handle.run_key} failed: {cause}{resume_hint(handle.run_dir, cause)}")
         history = drain_probes(actor, handle) if actor else {}
         publish_run(handle)
         status = "FINISHED"

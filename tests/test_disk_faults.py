@@ -119,3 +119,61 @@ def test_a_checkpoint_cut_short_by_the_disk_leaves_the_previous_one_the_resume_p
             shutil.rmtree(run_dir / second.name, ignore_errors=True)
             persist(second, run_dir)
             assert resume_step(run_dir) == 200
+
+
+def test_linrep_train_on_a_disk_that_fills_stops_in_one_line_and_resumes_once_there_is_room(tmp_path):
+    """End to end: `linrep train` with run.storage on a real 8 MiB tmpfs, filled by another writer
+    after the second checkpoint. The run stops with one line naming the full disk and the resume
+    point, no traceback on the console; the MLflow run (on another disk) is FAILED; once the filler
+    is gone the same command resumes from that checkpoint and every train step is stored once."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import LINREP
+
+    steps, every, log = 1000, 100, 50
+    args = ["train", "synthetic-supervised", f"optim.steps={steps}", "run.workers=1", f"run.checkpoint_every={every}",
+            f"run.log_every={log}", "probe.samples=1024", "data.generator_pool=1000", "model.hidden=[128,128]",
+            "optim.warmup_steps=5", "run.max_failures=1", "run.name=full"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tiny_fs(tmp_path / "store", size="8m") as store:
+        run_dir = store / "full"
+        proc = subprocess.Popen([*LINREP, *args, f"run.storage={store}"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None and (resume_step(run_dir) or 0) < 2 * every:
+                time.sleep(0.2)
+            filled_at = resume_step(run_dir)
+            assert proc.poll() is None and filled_at is not None, "the run ended before its disk could fill"
+            fill(store)
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait(timeout=30)
+        last = resume_step(run_dir)
+        assert proc.returncode == 1, stdout[-2000:] + stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and errors[0].startswith("linrep: error: "), stderr[-3000:]
+        assert "No space left on device" in errors[0] and f"step {last}" in errors[0], errors[0]
+        # stdout ends with the log's last lines (the worker's traceback among them, by design); the
+        # full disk under the log itself must not add logging's own "--- Logging error ---" dumps
+        assert "Logging error" not in stdout + stderr and "[linrep] the log's last lines:" in stdout
+        assert filled_at <= last < steps
+        uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+        assert run.info.status == "FAILED"
+
+        (store / "filler").unlink()
+        out = subprocess.run([*LINREP, *args, f"run.storage={store}"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert f"resumed from step {last}" in text
+    (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == \
+        list(range(log, steps + 1, log))

@@ -211,6 +211,7 @@ class LogFile:
     def __init__(self, path: Path):
         self.lock = threading.Lock()
         self.path = path
+        self.lost: str | None = None  # why the file stopped taking lines (a full or read-only disk)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
 
@@ -218,14 +219,26 @@ class LogFile:
         from trainer.tracking import scrub_env_secrets
 
         with self.lock:
-            if not self.fh.closed:
-                self.fh.write(scrub_env_secrets(ANSI.sub("", text)))
+            if not self.fh.closed and self.lost is None:
+                try:
+                    self.fh.write(scrub_env_secrets(ANSI.sub("", text)))
+                except OSError as err:
+                    self._stop_writing(err)
         return len(text)
 
     def flush(self) -> None:
         with self.lock:
-            if not self.fh.closed:
-                self.fh.flush()
+            if not self.fh.closed and self.lost is None:
+                try:
+                    self.fh.flush()
+                except OSError as err:
+                    self._stop_writing(err)
+
+    def _stop_writing(self, err: OSError) -> None:
+        """The log is a record, not the run: a full disk under the run folder (where the log lives)
+        must not turn every logged line into logging's "--- Logging error ---" traceback on the
+        console, nor hide the run's own failure. Lines from here on are dropped (end_run says so)."""
+        self.lost = err.strerror or err.__class__.__name__
 
     def fileno(self) -> int:
         return self.fh.fileno()
@@ -237,11 +250,15 @@ class LogFile:
         """Append what is written so far to `path` and go on writing there (a resumed run's log grows)."""
         if path == self.path:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            self.fh.flush()
-            with open(path, "a", encoding="utf-8") as dst, open(self.path, encoding="utf-8", errors="replace") as src:
-                shutil.copyfileobj(src, dst)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.fh.flush()
+                with open(path, "a", encoding="utf-8") as dst, \
+                        open(self.path, encoding="utf-8", errors="replace") as src:
+                    shutil.copyfileobj(src, dst)
+            except OSError:  # a full or read-only run folder: the log stays where it is
+                return
             self.fh.close()
             os.unlink(self.path)
             self.path = path
@@ -369,7 +386,8 @@ class Session:
             tail = self.log.tail(FAILURE_TAIL_LINES)
             if tail:
                 self.console.write("[linrep] the log's last lines:\n" + "\n".join(f"  {l}" for l in tail) + "\n")
-        self.console.write(f"[linrep] log (Ray and library messages): {self.log.path}\n")
+        lost = f" (cut short: {self.log.lost})" if self.log.lost else ""
+        self.console.write(f"[linrep] log (Ray and library messages): {self.log.path}{lost}\n")
         self.console.flush()
 
     def note(self, text: str) -> None:

@@ -9,6 +9,7 @@ from the latest checkpoint and the MLflow run is reused.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
@@ -289,6 +290,24 @@ def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = 
 
 # what Ray Train 2.60's fit() raises when the run fails (the workers' errors are in its text)
 TRAIN_FAILURES = ("WorkerGroupError", "TrainingFailedError", "ControllerError")
+# ENOSPC and EROFS as Python and pyarrow word them ("[Errno 28] ...", "Detail: [errno 28] ...")
+DISK_FAULT = re.compile(r"\[errno (28|30)\]|no space left on device|read-only file system", re.IGNORECASE)
+
+
+def resume_hint(run_dir: Location, cause: str) -> str:
+    """What to do after a failure the run folder's disk caused (full, read-only): the checkpoint a
+    rerun starts from. The cut-short checkpoint is never it (checkpoint.list_checkpoints)."""
+    if not DISK_FAULT.search(cause):
+        return ""
+    from trainer.checkpoint import list_checkpoints, read_meta
+
+    try:
+        complete = list_checkpoints(run_dir)
+        point = f"step {read_meta(complete[-1])['step']}" if complete else "the start (no complete checkpoint)"
+    except Exception:  # the folder itself may be unreadable now
+        point = "its newest complete checkpoint"
+    return (f"; the run folder {run_dir} is on a full or read-only disk: make room (or make it writable) and "
+            f"rerun the same command, it resumes from {point}")
 
 
 def save_log(handle: RunHandle, path: Path) -> None:
