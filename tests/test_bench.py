@@ -96,6 +96,20 @@ def test_numpy_vmf_of_the_baseline_is_exact():
     assert np.abs(np.delete(z, 2, axis=1).mean(0)).max() < 0.01
 
 
+def test_sweep_floor_probes_where_a_trial_would_and_runs_each_trials_steps():
+    from linrep.bench.sweep import floor_seconds, plan_configs, probe_steps
+
+    assert probe_steps(150, 75, 1) == [75, 150]
+    assert probe_steps(100, 30, 2) == [60, 100]  # checkpoints 30 60 90 100: every 2nd, and the last
+    configs = plan_configs(quick=True)
+    assert len(configs) == 3 and all(c["optim"]["steps"] > 0 for _, c in configs)
+    floor = floor_seconds(configs[:1])
+    (key, cfg), figures = configs[0], floor[configs[0][0]]
+    assert figures["steps"] == cfg["optim"]["steps"] and figures["probes"] == len(
+        probe_steps(cfg["optim"]["steps"], cfg["run"]["checkpoint_every"], cfg["probe"]["every"]))
+    assert figures["train_s"] > 0 and figures["probe_s"] > 0
+
+
 def test_unknown_benchmark_is_one_line_exit_2(tmp_path):
     out = run_bench(["nosuch", "--out", str(tmp_path / "r"), "--no-mlflow"], cwd=tmp_path, timeout=120)
     assert out.returncode == 2

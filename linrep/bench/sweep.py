@@ -1,11 +1,19 @@
-"""Benchmark 6, sweep throughput: `linrep reproduce synthetic --quick`, wall time and trials per hour.
+"""Benchmark 6, sweep efficiency: `linrep reproduce synthetic --quick` against its compute floor.
 
 The sweep runs as users run it (the CLI in a subprocess, a fresh folder so nothing resumes, Ray
-Tune running as many trials at a time as the CPUs allow). The reference is what a user without
-the sweep machinery would do: one `linrep train` per trial, one after another; it is measured by
-timing one representative trial of each arm (supervised, DIET) with the very same overrides and
-multiplying by the number of trials of that arm. The ratio is the sweep's trials per hour over
-that sequential loop's.
+Tune running as many trials at a time as the CPUs allow). The floor is the same trials' work with
+no framework at all: for each trial of the plan, a plain single-threaded loop in one process runs
+that trial's training steps (`trainer.loop.build_worker` + `train_step`, the worker's own code)
+and its probes (the probe family's own function, at every step the trial would checkpoint and
+probe), one trial after another. Building the data and model is not counted: it is set-up too.
+
+    efficiency = F / (c x W)
+
+F is the floor's seconds summed over the trials, c the trials the sweep runs at once (what it
+prints: "up to c trials at a time") and W the sweep's wall time. 1.0 would be a sweep that costs
+nothing but its trials' steps; what is left is start-up per trial (Tune's trial actor, the MLflow
+child run, the Ray Train controller and worker group, the probe actor) and the end of each trial.
+The result also says that overhead per trial: (c x W - F) / trials.
 
 Both use MLflow stores created before the clock starts (a fresh sqlite store's migrations take
 seconds and are not what is measured). --quick shrinks the sweep to one seed and a tenth of the
@@ -23,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from linrep.bench.harness import BenchContext, BenchResult, make_result, ratio_of, register_benchmark
+from linrep.bench.harness import BenchContext, BenchResult, make_result, ratio_of, register_benchmark, run_isolated
 
 
 def sweep_args(quick: bool) -> list[str]:
@@ -56,26 +64,80 @@ def run_cli(args: list[str], work: Path, uri: str, log_name: str, timeout_s: flo
     return wall, text
 
 
-def cli_value(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
-
-
-def representative_trials(quick: bool) -> tuple[list[Any], dict[str, int]]:
-    """The first trial of each arm of the reproduce plan, and how many trials each arm has."""
+def plan_configs(quick: bool) -> list[tuple[str, dict]]:
+    """(trial key, config as a dict) for every trial of the reproduce plan the sweep runs."""
     from tune.reproduce import build_reproduce_plan
+    from tune.spec import trial_config
 
-    seeds = 1 if quick else None
-    plan = build_reproduce_plan(quick=True, budget=0.1 if quick else 1.0, seeds=seeds)
-    firsts: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    for t in plan.trials:
-        counts[t.base] = counts.get(t.base, 0) + 1
-        firsts.setdefault(t.base, t)
-    return list(firsts.values()), counts
+    plan = build_reproduce_plan(quick=True, budget=0.1 if quick else 1.0, seeds=1 if quick else None)
+    return [(t.key, trial_config(t).to_dict()) for t in plan.trials]
 
 
-@register_benchmark("sweep", op=">=", target=1.0,
-                    title="trials/hour of `linrep reproduce synthetic --quick` / one `linrep train` per trial")
+def probe_steps(steps: int, checkpoint_every: int, probe_every: int) -> list[int]:
+    """The steps a trial checkpoints and probes: every checkpoint_every-th (and the last), every
+    probe_every-th of those."""
+    ckpts = sorted({*range(checkpoint_every, steps + 1, checkpoint_every), steps})
+    return [s for i, s in enumerate(ckpts, 1) if i % probe_every == 0 or s == steps]
+
+
+def floor_seconds(configs: list[tuple[str, dict]]) -> dict[str, dict[str, float]]:
+    """Each trial's steps and probes in a plain single-threaded loop: {key: {train_s, probe_s}}.
+
+    Runs in its own process (run_isolated), one trial after another."""
+    import torch
+
+    from linrep.bench.harness import limit_threads
+    from probes.actor import _PROBES, probe_family
+    from trainer.config import from_dict
+    from trainer.loop import build_worker, train_step
+
+    limit_threads(1)
+    out: dict[str, dict[str, float]] = {}
+    for key, config in configs:
+        cfg = from_dict(config)
+        data, engine = build_worker(cfg, 0, 1, torch.device("cpu"))
+        batches = data.batches(0)
+        probe_at = set(probe_steps(cfg.optim.steps, cfg.run.checkpoint_every, cfg.probe.every)) \
+            if cfg.probe.enabled else set()
+        state: dict = {}
+        train_s = probe_s = 0.0
+        engine.train()
+        for step in range(1, cfg.optim.steps + 1):
+            t0 = time.perf_counter()
+            x, y = next(batches)
+            loss, acc = train_step(engine, x, y, cfg.optim.label_smoothing)
+            float(loss), float(acc)  # what the worker's loop does every step
+            train_s += time.perf_counter() - t0
+            if step in probe_at:
+                t0 = time.perf_counter()
+                engine.module.eval()
+                with torch.no_grad():
+                    _PROBES[probe_family(cfg)](engine.module, cfg, {"step": step}, state)
+                engine.module.train()
+                probe_s += time.perf_counter() - t0
+        out[key] = {"train_s": train_s, "probe_s": probe_s, "steps": float(cfg.optim.steps),
+                    "probes": float(len(probe_at))}
+    return out
+
+
+def trial_walls(sweep_dir: Path) -> list[float]:
+    """Seconds from start to end of each trial's attempts, from the sweep folder's trial ledgers."""
+    walls = []
+    for path in sorted((sweep_dir / "trials").glob("*.json")):
+        attempts = json.loads(path.read_text()).get("attempts", [])
+        walls.append(sum(a["end"] - a["start"] for a in attempts if a.get("end") and a.get("start")))
+    return walls
+
+
+def sweep_folder(text: str, work: Path) -> Path | None:
+    """The sweep's folder: the one under the work folder that holds a trials/ ledger."""
+    found = sorted(work.glob("**/trials"))
+    return found[0].parent if found else None
+
+
+@register_benchmark("sweep", op=">=", target=0.7,
+                    title="sweep efficiency of `linrep reproduce synthetic --quick`: "
+                          "its trials' plain-loop seconds / (trials at once x wall)")
 def bench_sweep(ctx: BenchContext) -> BenchResult:
     args = ["reproduce", "synthetic", *sweep_args(ctx.quick)]
     work, uri = fresh_workdir(ctx, "sweep")
@@ -83,26 +145,26 @@ def bench_sweep(ctx: BenchContext) -> BenchResult:
     wall, text = run_cli(args, work, uri, "reproduce.log")
     match = re.search(r"reproduce: (\d+)/(\d+) trials finished", text)
     finished, total = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    ctx.log("sweep", f"{finished}/{total} trials in {wall:.1f} s")
-    trials, counts = representative_trials(ctx.quick)
-    per_arm: dict[str, float] = {}
-    for trial in trials:
-        work1, uri1 = fresh_workdir(ctx, "sweep-seq")
-        overrides = [f"{k}={cli_value(v)}" for k, v in trial.overrides.items()]
-        ctx.log("sweep", f"sequential reference: linrep train {trial.base} ({trial.key})")
-        per_arm[trial.base], _ = run_cli(["train", trial.base, *overrides, "run.name=seq"], work1, uri1, "train.log")
-        ctx.log("sweep", f"one {trial.base} trial: {per_arm[trial.base]:.1f} s")
-    sequential = sum(per_arm[arm] * n for arm, n in counts.items() if arm in per_arm)
-    n = sum(counts.values())
-    sweep_tph = 3600 * finished / wall if wall > 0 else float("nan")
-    seq_tph = 3600 * n / sequential if sequential > 0 else float("nan")
-    ratio = ratio_of(sweep_tph, seq_tph)
+    at_once = re.search(r"up to (\d+) trials at a time", text)
+    concurrency = int(at_once.group(1)) if at_once else 1
+    ctx.log("sweep", f"{finished}/{total} trials in {wall:.1f} s, {concurrency} at a time")
+    configs = plan_configs(ctx.quick)
+    ctx.log("sweep", f"the floor: the {len(configs)} trials' steps and probes in a plain single-threaded loop")
+    floor = run_isolated(floor_seconds, configs=configs)
+    floor_s = sum(f["train_s"] + f["probe_s"] for f in floor.values())
+    efficiency = ratio_of(floor_s, concurrency * wall)
+    walls = trial_walls(sweep_folder(text, work) or work)
+    overhead = (concurrency * wall - floor_s) / max(1, len(configs))
+    ctx.log("sweep", f"floor {floor_s:.1f} s; efficiency {efficiency:.3f}; ~{overhead:.1f} s per trial beyond its steps")
     figures = {"sweep_wall_s": wall, "trials": float(total), "trials_finished": float(finished),
-               "sweep_trials_per_hour": sweep_tph, "sequential_trials_per_hour": seq_tph,
-               "sequential_estimate_s": sequential,
-               **{f"one_trial_s_{arm}": v for arm, v in per_arm.items()}}
-    details = {"command": f"linrep {' '.join(args)}", "workdir": str(work), "trials_per_arm": counts,
-               "reference_trials": {t.base: t.key for t in trials}}
-    summary = (f"linrep {' '.join(args)}: {finished}/{total} trials in {wall:.0f} s = {sweep_tph:.0f} trials/hour; "
-               f"one `linrep train` per trial: ~{sequential:.0f} s = {seq_tph:.0f} trials/hour")
-    return make_result("sweep", ratio, summary, figures=figures, details=details)
+               "trials_at_once": float(concurrency), "floor_s": floor_s,
+               "floor_train_s": sum(f["train_s"] for f in floor.values()),
+               "floor_probe_s": sum(f["probe_s"] for f in floor.values()),
+               "overhead_per_trial_s": overhead,
+               "trial_wall_mean_s": sum(walls) / len(walls) if walls else float("nan"),
+               "sweep_trials_per_hour": 3600 * finished / wall if wall > 0 else float("nan")}
+    details = {"command": f"linrep {' '.join(args)}", "workdir": str(work), "floor_per_trial": floor,
+               "trial_walls_s": [round(w, 2) for w in walls]}
+    summary = (f"linrep {' '.join(args)}: {finished}/{total} trials in {wall:.0f} s, {concurrency} at a time; "
+               f"their steps and probes in a plain loop: {floor_s:.1f} s; ~{overhead:.0f} s per trial beyond them")
+    return make_result("sweep", efficiency, summary, figures=figures, details=details)
