@@ -75,7 +75,8 @@ def probe_checkpoint(path: str | Path | Location, state: dict | None = None, dev
 
 
 class _ProbeActor:
-    def __init__(self, tracking_uri: str | None, run_id: str | None, threads: int = 1, max_attempts: int = 2):
+    def __init__(self, tracking_uri: str | None, run_id: str | None, threads: int = 1, max_attempts: int = 2,
+                 outage_wait_s: float = 90.0):
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -89,7 +90,7 @@ class _ProbeActor:
         if tracking_uri and run_id:
             from trainer.tracking import MetricLogger
 
-            self.logger = MetricLogger(tracking_uri, run_id, flush_every_s=0)
+            self.logger = MetricLogger(tracking_uri, run_id, flush_every_s=0, close_timeout_s=outage_wait_s)
             self._resume_keys_loaded = False
 
     def probe(self, path: str, step: int) -> dict[str, float]:
@@ -202,8 +203,8 @@ class _ProbeActor:
 
     def drain(self) -> dict[int, dict[str, float]]:
         """Calls run in order, so this returns once every probe queued before it has finished."""
-        if self.logger:
-            self.logger.close()
+        if self.logger:  # like the training loop's: a store restarting now still gets the last figures
+            self.logger.close(retries=None)
         return self.results
 
     def pid(self) -> int:
@@ -233,4 +234,5 @@ def start_probe_actor(tracking_uri: str | None, run_id: str | None, cfg: Config,
     if name:
         opts["name"] = name
     threads = max(1, int(cfg.probe.actor_cpus)) if cfg.probe.actor_cpus >= 1 else 1
-    return cls.options(**opts).remote(tracking_uri, run_id, threads, cfg.probe.max_attempts)
+    return cls.options(**opts).remote(tracking_uri, run_id, threads, cfg.probe.max_attempts,
+                                      cfg.tracking.outage_wait_s)

@@ -273,8 +273,9 @@ class TrackingConfig(_Section):
     this MLflow registered model; None = log the models without registering them."""
     outage_wait_s: float = Field(90.0, ge=0)
     """Seconds the end of a run waits out a tracking store that is away (a server restart takes
-    seconds to a minute): rank 0's last metric writes and the driver's final run status are retried
-    that long, then given up with a warning (the training and its checkpoints are kept either way)."""
+    seconds to a minute): rank 0's last metric writes, the probe actor's last figures and the
+    driver's final run status are retried that long, then given up with a warning (the training and
+    its checkpoints are kept either way)."""
     log_models: bool | None = None
     """Log the run's classifiers (the final one, and the best by the probe headline) as MLflow
     models when it ends. None = yes for a run; in a sweep, only the best child run's, logged when
