@@ -41,6 +41,33 @@ def test_write_shard_round_trip_and_deterministic_sha(tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "temp files left behind"
 
 
+def test_the_fast_tar_writer_writes_tarfiles_bytes():
+    """UstarWriter against tarfile's stream mode on the same members: sizes around the 512-byte
+    blocks, empty data, the longest one-field name, a name split into ustar's prefix, non-ASCII."""
+    import io
+    import random
+    import tarfile
+
+    from trainer.data.convert.shards import UstarWriter, tar_member_info
+
+    rng = random.Random(0)
+    members = [(f"{'k' * 88 if i % 50 == 0 else rng.randrange(10**9)}.{field}",
+                bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 511, 512, 513, 1500]))))
+               for i in range(120) for field in ("cls", "factors.npy", "png")]
+    members += [("é.png", b"abc"), ("a" * 60 + "/" + "x" * 60 + ".png", b"abc")]
+    for subset in (members, members[:1], []):
+        reference = io.BytesIO()
+        with tarfile.open(fileobj=reference, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in subset:
+                tar.addfile(tar_member_info(name, len(data)), io.BytesIO(data))
+        ours = io.BytesIO()
+        writer = UstarWriter(ours)
+        for name, data in subset:
+            writer.add(name, data)
+        writer.close()
+        assert ours.getvalue() == reference.getvalue(), len(subset)
+
+
 def test_build_shards_parallel_matches_serial_and_skips(tmp_path, capsys):
     splits = split_indices(23, seed=1)
     serial = build_shards(tmp_path / "a", splits, toy_sample_or_skip, samples_per_shard=4, processes=1)
