@@ -66,11 +66,17 @@ def _imagenet(model, cfg: Config, meta: dict, state: dict) -> dict[str, float]:
     return checkpoint_probe(model, cfg, state)
 
 
+def probe_model(model, cfg: Config, meta: dict, state: dict | None = None) -> dict[str, float]:
+    """The figures of the probe family `cfg` belongs to, for a classifier in memory (`state`
+    carries what a probe builds once per run, e.g. the synthetic DGP)."""
+    return _PROBES[probe_family(cfg)](model, cfg, meta, state if state is not None else {})
+
+
 def probe_checkpoint(path: str | Path | Location, state: dict | None = None, device: str = "cpu", with_config: bool = False):
     """(step, figures) of one checkpoint folder: a local path or a URI (downloaded to this node's
     temporary folder first) (+ its config with with_config)."""
     model, cfg, meta = load_classifier(path, device)
-    figures = _PROBES[probe_family(cfg)](model, cfg, meta, state if state is not None else {})
+    figures = probe_model(model, cfg, meta, state)
     return (meta["step"], figures, cfg) if with_config else (meta["step"], figures)
 
 

@@ -87,7 +87,7 @@ def floor_seconds(configs: list[tuple[str, dict]]) -> dict[str, dict[str, float]
     import torch
 
     from linrep.bench.harness import limit_threads
-    from probes.actor import _PROBES, probe_family
+    from probes.actor import probe_model
     from trainer.config import from_dict
     from trainer.loop import build_worker, train_step
 
@@ -112,7 +112,7 @@ def floor_seconds(configs: list[tuple[str, dict]]) -> dict[str, dict[str, float]
                 t0 = time.perf_counter()
                 engine.module.eval()
                 with torch.no_grad():
-                    _PROBES[probe_family(cfg)](engine.module, cfg, {"step": step}, state)
+                    probe_model(engine.module, cfg, {"step": step}, state)
                 engine.module.train()
                 probe_s += time.perf_counter() - t0
         out[key] = {"train_s": train_s, "probe_s": probe_s, "steps": float(cfg.optim.steps),
