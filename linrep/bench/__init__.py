@@ -6,11 +6,12 @@ Benchmarks (one module each, registered in linrep.bench.harness):
   streaming        dSprites MLP samples/s from WebDataset shards over an in-memory tensor     (>= 0.9)
   scaling          parallel efficiency of 2 workers (+ one GPU's samples/s when present)      (>= 0.8)
   probes           training samples/s with the probe actor beside it over without            (>= 0.9)
-  sweep            trials/hour of `linrep reproduce synthetic --quick` over one train per trial (>= 1)
+  sweep            efficiency of `linrep reproduce synthetic --quick`: its trials' plain-loop s / (at once x wall) (>= 0.7)
   ckpt-storage     wall time with checkpoints in S3 (a moto server on 127.0.0.1) over a local folder (<= 1.5)
+  imagenet-input   ImageNet input samples/s on CPU, shard pipeline (uint8) over ImageFolder + DataLoader (>= 1.2)
 
 `linrep bench` with no name runs the six of the README's Performance table (harness.ORDER);
-ckpt-storage runs when named (`linrep bench ckpt-storage [--quick]`).
+ckpt-storage and imagenet-input run when named (`linrep bench ckpt-storage [--quick]`).
 
 Each prints the machine, its absolute figures and, last, `<name>: ratio <value> (target <op> <value>)`;
 writes `<out>/<name>.json` (atomically; `<name>.<gpu>.json` on an accelerator) and a line of
@@ -32,7 +33,7 @@ from trainer.errors import UserError
 
 # importing the modules registers the benchmarks
 from linrep.bench import identifiability, overhead, probe, scaling, streaming, sweep  # noqa: E402,F401
-from linrep.bench import ckpt_storage  # noqa: E402,F401  (by name only: not in harness.ORDER)
+from linrep.bench import ckpt_storage, imagenet_input  # noqa: E402,F401  (by name only: not in harness.ORDER)
 
 __all__ = ["bench_cli", "run_benchmark", "list_benchmarks"]
 

@@ -147,6 +147,21 @@ def imagenet_train_transform(data: DataConfig, encoder: str | None = None, pretr
                             auto_augment=data.auto_augment, re_prob=data.random_erasing, re_mode="pixel")
 
 
+def imagenet_fast_train_transform(data: DataConfig, encoder: str | None = None, pretrained: bool = False,
+                                  color_jitter: float = 0.4):
+    """The same training crop on uint8 (`stream.JpegRandomResizedCrop`: JPEG bytes -> uint8, DCT-scaled
+    decoding for large crops, normalised in the training process), or None when the recipe needs
+    timm's PIL pipeline: RandAugment (data.auto_augment), random erasing, or an interpolation
+    torch's uint8 resize lacks. `color_jitter` 0.4 is timm's default when RandAugment is off."""
+    from trainer.data.stream import JpegRandomResizedCrop, fast_interpolations
+
+    config = imagenet_data_config(data.image_size, encoder, pretrained)
+    if data.auto_augment or data.random_erasing > 0 or config["interpolation"] not in fast_interpolations():
+        return None
+    return JpegRandomResizedCrop(data.image_size, config["mean"], config["std"],
+                                 interpolation=config["interpolation"], color_jitter=color_jitter)
+
+
 def imagenet_eval_transform(image_size: int, encoder: str | None = None, pretrained: bool = False):
     """PIL image -> float tensor [3, size, size] by timm's eval transform: resize to size/crop_pct,
     centre crop, normalise (shared by the loader's validation path and the probes)."""
