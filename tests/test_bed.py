@@ -529,6 +529,17 @@ def test_zero2_dislib_run_reads_its_shards_from_s3(bed):
     rec = _client_py(bed, RUN_RECORD, name, "train/loss", timeout=120)
     assert rec["status"] == "FINISHED" and rec["hist"]["train/loss"] == [5, 10, 15, 20], rec["hist"]
     assert any(k.startswith("probe/pearson/") for k in rec["probe"]), rec["probe"]  # the factor probes, in MLflow
+    assert rec["probe_steps"] == [10, 20], rec["probe_steps"]
+
+    # `linrep submit probe RUN_ID` (issue 13, item 5): the job finds the run folder in the bucket
+    # from the run's tag, probes both checkpoints again and logs nothing twice
+    t0 = time.monotonic()
+    out = _linrep(bed, "submit", "probe", rec["run_id"], timeout=300)
+    print(f"linrep submit probe, submit to end: {time.monotonic() - t0:.0f} s")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[1/2] step 10: " in out.stdout and "[2/2] step 20: " in out.stdout, out.stdout[-2000:]
+    again = _client_py(bed, RUN_RECORD, name, "", timeout=120)
+    assert again["probe_steps"] == [10, 20] and again["status"] == "FINISHED", again
 
 
 # ---- 3. idempotence, a killed node, down ---------------------------------------------------
