@@ -199,3 +199,20 @@ def fabricate_smallnorb(folder: Path, *, seed: int = 0, sizes=(("training", 6), 
         for k, v in (("dat", dat), ("cat", cat), ("info", info)):
             out[k].append(v)
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def damage_one_image(shard: Path, extension: str, damage) -> str:
+    """Replace the first `extension` member of a shard by `damage(its bytes)`, keeping a valid tar
+    (the manifest is left as it was: its sha256 no longer matches); return that sample's key."""
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    victim = next(m.name for m, _ in members if m.name.endswith(f".{extension}"))
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            if member.name == victim:
+                data = damage(data)
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return victim.rsplit(".", 1)[0]

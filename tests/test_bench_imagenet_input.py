@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from PIL import Image
 
 from linrep.bench.imagenet_input import encode, fabricate_tree, natural_pixels
+from tests.fabricate import damage_one_image
 from trainer.config import DataConfig
 from trainer.data.convert.imagenet import convert_imagenet
 from trainer.data.imagenet import imagenet_data_config, imagenet_fast_train_transform
@@ -170,18 +170,8 @@ def test_loader_batches_are_the_crop_normalised_in_the_training_process(shards):
 
 
 def corrupt_one_jpeg(root: Path, shard: str) -> str:
-    """Cut one sample's JPEG in half inside a shard (the manifest is left as it was); its key."""
-    path = root / shard
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    victim = next(m.name for m, _ in members if m.name.endswith(".jpg"))
-    with tarfile.open(path, "w") as tar:
-        for member, data in members:
-            if member.name == victim:
-                data = data[: len(data) // 2]
-                member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    return victim.rsplit(".", 1)[0]
+    """Cut one sample's JPEG in half inside a shard; its key."""
+    return damage_one_image(root / shard, "jpg", lambda data: data[: len(data) // 2])
 
 
 def test_a_corrupt_jpeg_follows_on_error(shards, tmp_path):

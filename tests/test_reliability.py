@@ -3,14 +3,12 @@ killed while probing, incomplete checkpoints, retention, corrupt shards, a track
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -222,17 +220,9 @@ def _rewrite_manifest_sha(root: Path, shard: str) -> None:
 
 def _corrupt_one_png(root: Path, shard: str) -> str:
     """Replace one sample's PNG with garbage (a valid tar, an undecodable image); return its key."""
-    path = root / shard
-    with tarfile.open(path) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-    victim = next(m.name for m, _ in members if m.name.endswith(".png"))
-    with tarfile.open(path, "w") as tf:
-        for m, data in members:
-            if m.name == victim:
-                data = b"not a png at all" * 4
-                m.size = len(data)
-            tf.addfile(m, io.BytesIO(data))
-    return victim.split(".")[0]
+    from tests.fabricate import damage_one_image
+
+    return damage_one_image(root / shard, "png", lambda data: b"not a png at all" * 4)
 
 
 def test_sha256_mismatch_stops_or_is_skipped(tmp_path, dsprites_tiny):
