@@ -47,8 +47,8 @@ def test_ratio_line_format_and_target_direction():
     r = fake_result("overhead", 0.912)
     assert RATIO_LINE.match(r.ratio_line()), r.ratio_line()
     assert r.ratio_line() == "overhead: ratio 0.912 (target >= 0.85)" and r.met
-    slow = fake_result("identifiability", 0.35)       # target <= 0.2: a larger ratio misses it
-    assert slow.ratio_line() == "identifiability: ratio 0.35 (target <= 0.2)" and not slow.met
+    slow = fake_result("identifiability", 0.35)       # target <= 0.1: a larger ratio misses it
+    assert slow.ratio_line() == "identifiability: ratio 0.35 (target <= 0.1)" and not slow.met
     missing = fake_result("probes", float("nan"))
     assert RATIO_LINE.match(missing.ratio_line()) and not missing.met
 
@@ -127,7 +127,7 @@ def test_readme_block_is_replaced_between_markers(tmp_path):
     assert "old table" not in text and text.endswith("## After\nkept\n") and text.startswith("# x\n\nintro")
     block = text.split(readme.START)[1].split(readme.END)[0]
     rows = [ln for ln in block.splitlines() if ln.startswith("| identifiability") or ln.startswith("| overhead")]
-    assert rows[0].startswith("| identifiability | 0.4 | <= 0.2 | no |")  # benchmark order, then met?
+    assert rows[0].startswith("| identifiability | 0.4 | <= 0.1 | no |")  # benchmark order, then met?
     assert rows[1].startswith("| overhead | 0.93 | >= 0.85 | yes |")
     assert "summary \\| with a pipe" in rows[1]  # pipes escaped: the table stays a table
     assert "Past one node" in block

@@ -1,7 +1,7 @@
 """`linrep bench [name ...] [--out results/bench] [--quick] [--no-mlflow]`: performance, as ratios.
 
 Benchmarks (one module each, registered in linrep.bench.harness):
-  identifiability  time to R² z̃->z >= 0.99, linrep vs a loop like the paper's public code   (<= 0.2)
+  identifiability  time to R² z̃->z >= 0.99, linrep vs a loop like the paper's public code   (<= 0.1)
   overhead         samples/s of 1 Ray Train worker over the plain loop                       (>= 0.85)
   streaming        dSprites MLP samples/s from WebDataset shards over an in-memory tensor     (>= 0.9)
   scaling          parallel efficiency of 2 workers (+ one GPU's samples/s when present)      (>= 0.8)

@@ -50,8 +50,12 @@ class IdentSetup:
     threshold: float = THRESHOLD
     streak: int = STREAK
     baseline_probe_every: int = 200
-    baseline_max_steps: int = 30_000
-    baseline_max_s: float = 1800.0
+    # Measured to the end (not a bound): with Adam 1e-3 the loop's R² creeps from 0.95 (first 10k
+    # steps) to 0.985-0.99, so when three probes in a row first clear 0.99 is luck: step 31,800 in
+    # one run and 56,600 in another (seed 0, 2-core Xeon, 2026-12-03; the thread choice changes the
+    # arithmetic; before 19k steps no probe reaches 0.99). 6-11 min at ~85 steps/s.
+    baseline_max_steps: int = 120_000
+    baseline_max_s: float = 3600.0
     baseline_threads: int | None = None   # None: the faster of torch's default and 1 (ThreadChooser)
 
 
@@ -288,7 +292,7 @@ def summarise(setup: IdentSetup, lin: dict, base: dict, t_base_launch: float) ->
     return ratio, figures, details
 
 
-@register_benchmark("identifiability", op="<=", target=0.2,
+@register_benchmark("identifiability", op="<=", target=0.1,
                     title="time to R² z̃→z ≥ 0.99 (3 probes in a row), linrep / public-code-style loop")
 def bench_identifiability(ctx: BenchContext) -> BenchResult:
     from trainer.config import load_config
