@@ -218,27 +218,24 @@ class LogFile:
     def write(self, text: str) -> int:
         from trainer.tracking import scrub_env_secrets
 
-        with self.lock:
-            if not self.fh.closed and self.lost is None:
-                try:
-                    self.fh.write(scrub_env_secrets(ANSI.sub("", text)))
-                except OSError as err:
-                    self._stop_writing(err)
+        self._guarded(lambda: self.fh.write(scrub_env_secrets(ANSI.sub("", text))))
         return len(text)
 
     def flush(self) -> None:
-        with self.lock:
-            if not self.fh.closed and self.lost is None:
-                try:
-                    self.fh.flush()
-                except OSError as err:
-                    self._stop_writing(err)
+        self._guarded(lambda: self.fh.flush())
 
-    def _stop_writing(self, err: OSError) -> None:
+    def _guarded(self, io_call) -> None:
         """The log is a record, not the run: a full disk under the run folder (where the log lives)
         must not turn every logged line into logging's "--- Logging error ---" traceback on the
-        console, nor hide the run's own failure. Lines from here on are dropped (end_run says so)."""
-        self.lost = err.strerror or err.__class__.__name__
+        console, nor hide the run's own failure. After the first OSError lines are dropped (end_run
+        says so)."""
+        with self.lock:
+            if self.fh.closed or self.lost is not None:
+                return
+            try:
+                io_call()
+            except OSError as err:
+                self.lost = err.strerror or err.__class__.__name__
 
     def fileno(self) -> int:
         return self.fh.fileno()

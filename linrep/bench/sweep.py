@@ -129,7 +129,7 @@ def trial_walls(sweep_dir: Path) -> list[float]:
     return walls
 
 
-def sweep_folder(text: str, work: Path) -> Path | None:
+def sweep_folder(work: Path) -> Path | None:
     """The sweep's folder: the one under the work folder that holds a trials/ ledger."""
     found = sorted(work.glob("**/trials"))
     return found[0].parent if found else None
@@ -153,7 +153,7 @@ def bench_sweep(ctx: BenchContext) -> BenchResult:
     floor = run_isolated(floor_seconds, configs=configs)
     floor_s = sum(f["train_s"] + f["probe_s"] for f in floor.values())
     efficiency = ratio_of(floor_s, concurrency * wall)
-    walls = trial_walls(sweep_folder(text, work) or work)
+    walls = trial_walls(sweep_folder(work) or work)
     overhead = (concurrency * wall - floor_s) / max(1, len(configs))
     ctx.log("sweep", f"floor {floor_s:.1f} s; efficiency {efficiency:.3f}; ~{overhead:.1f} s per trial beyond its steps")
     figures = {"sweep_wall_s": wall, "trials": float(total), "trials_finished": float(finished),
