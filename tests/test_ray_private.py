@@ -149,3 +149,67 @@ def test_walk_working_dir_applies_rays_rules(tmp_path: Path, monkeypatch):
     from ray._private import ray_constants
 
     assert ray_private.working_dir_includes_gitignore({ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE: "1"}) is False
+
+
+def test_torch_backend_keeps_what_the_bound_rendezvous_overrides():
+    """BoundRendezvousTorchBackend subclasses Ray's _TorchBackend and replaces its on_start for
+    gloo; it calls Ray's env-var helper and tells Train V1's worker group apart, as Ray does."""
+    from ray.train.backend import Backend
+    from ray.train.torch import TorchConfig
+
+    try:
+        from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+        from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+    except ImportError as err:
+        _fail(f"ray.train.torch.config._TorchBackend / _set_torch_distributed_env_vars or Train V1's "
+              f"WorkerGroup cannot be imported: {err}")
+    if not (inspect.isclass(_TorchBackend) and issubclass(_TorchBackend, Backend)):
+        _fail("ray.train.torch.config._TorchBackend is no longer a ray.train.backend.Backend class")
+    if not inspect.isclass(V1WorkerGroup):
+        _fail("ray.train._internal.worker_group.WorkerGroup is no longer a class")
+    for hook in ("on_start", "on_shutdown", "on_training_start"):
+        _need_params(getattr(_TorchBackend, hook), f"_TorchBackend.{hook}", ["self", "worker_group", "backend_config"])
+    _need_params(_set_torch_distributed_env_vars, "_set_torch_distributed_env_vars", [])
+    on_start = inspect.getsource(_TorchBackend.on_start)
+    for step in ("_set_torch_distributed_env_vars", "MASTER_ADDR", "MASTER_PORT", "backend_config.timeout_s"):
+        if step not in on_start:
+            _fail(f"_TorchBackend.on_start no longer uses {step}: recheck what BoundRendezvousTorchBackend keeps")
+    if TorchConfig(backend="gloo").backend_cls is not _TorchBackend:
+        _fail("TorchConfig.backend_cls is no longer _TorchBackend")
+
+
+def test_train_v2_starts_the_backend_from_the_config_and_runs_on_the_group():
+    """Train V2 builds the backend from ``backend_config.backend_cls()`` and hands on_start the
+    execution group, whose execute / execute_single / execute_single_async the override uses."""
+    try:
+        from ray.train.v2._internal.callbacks.backend_setup import BackendSetupCallback
+        from ray.train.v2._internal.execution.worker_group.execution_group import ExecutionGroup
+    except ImportError as err:
+        _fail(f"Train V2's BackendSetupCallback / ExecutionGroup cannot be imported: {err}")
+    source = inspect.getsource(BackendSetupCallback)
+    for call in ("backend_config.backend_cls()", ".on_start(execution_group, self._backend_config)"):
+        if call not in source:
+            _fail(f"Train V2's BackendSetupCallback no longer calls {call}")
+    for name, expected in (("execute", ["self", "fn"]), ("execute_single", ["self", "rank", "fn"]),
+                           ("execute_single_async", ["self", "rank", "fn"])):
+        _need_params(getattr(ExecutionGroup, name), f"ExecutionGroup.{name}", expected)
+
+
+def test_bound_rendezvous_config_is_a_torch_config_pickled_by_name():
+    """The config Train ships to its controller: a TorchConfig naming the overriding backend, which
+    pickle sends by reference (trainer.ray_private.<name>), not by value."""
+    import pickle
+
+    from ray import cloudpickle
+    from ray.train.torch import TorchConfig
+    from ray.train.torch.config import _TorchBackend
+
+    config = ray_private.bound_torch_config("gloo")
+    assert isinstance(config, TorchConfig) and config.backend == "gloo" and config.timeout_s > 0
+    assert issubclass(config.backend_cls, _TorchBackend)
+    assert config.backend_cls is ray_private.BoundRendezvousTorchBackend
+    data = cloudpickle.dumps(config)
+    assert b"trainer.ray_private" in data and b"BoundRendezvousTorchConfig" in data and len(data) < 1000
+    assert pickle.loads(data) == config and type(pickle.loads(data)) is type(config)
+    with pytest.raises(AttributeError):
+        ray_private.no_such_name  # noqa: B018  (the module __getattr__ builds the two classes only)

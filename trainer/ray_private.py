@@ -40,14 +40,26 @@ What is used, and why there is no public way to do it in Ray 2.60:
   console (trainer/progress.py) replaces it so that progress lines reach the display and Ray's
   own lines reach the run's log file; Ray's public switches only turn the stream on or off
   (log_to_driver), and off would leave the driver without the workers' progress.
+- ``ray.train.torch.config._TorchBackend`` and its ``_set_torch_distributed_env_vars``, with
+  ``ray.train._internal.worker_group.WorkerGroup`` (Train V1's group, which Ray's ``on_start``
+  tells apart): the backend that sets up torch's process group in the workers. Its gloo
+  rendezvous, torch's TCPStore in rank 0, listens on the wildcard (``::``) whatever MASTER_ADDR
+  says, and neither Ray nor torch has a switch for it. ``BoundRendezvousTorchBackend`` overrides
+  ``on_start`` for gloo: rank 0 binds a socket to MASTER_ADDR itself and serves the TCPStore on it
+  (``master_listen_fd``); ``BoundRendezvousTorchConfig`` (a public ``TorchConfig`` subclass, Ray's
+  documented way to plug in a backend) names it as its ``backend_cls``.
 
-Ray is imported inside each function: importing this module costs nothing.
+Ray is imported inside each function: importing this module costs nothing. The two classes
+above are built on first use too (module ``__getattr__``), and found here by name.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -135,3 +147,100 @@ def walk_working_dir(root: Path, rules: list[str], handler: Callable[[Path], Any
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
     _dir_travel(root, [_get_excludes(root, rules)], handler, include_gitignore=include_gitignore, logger=logger)
+
+
+# ---- torch's process group: the gloo rendezvous on MASTER_ADDR only ---------------------------
+BOUND_RENDEZVOUS_CLASSES = ("BoundRendezvousTorchConfig", "BoundRendezvousTorchBackend")
+
+# Rank 0's master TCPStore between the two calls that set the group up (_serve_rendezvous, then
+# _join_process_group): both run in rank 0's worker process, and the store must keep serving.
+_rank0_store: dict[str, Any] = {}
+
+
+def bound_torch_config(backend: str) -> Any:
+    """Ray Train's TorchConfig for `backend` ("gloo" or "nccl"); with gloo, the process group's
+    rendezvous (torch's TCPStore in rank 0) listens on MASTER_ADDR only: 127.0.0.1 in a local
+    run, the node's address on a cluster. Ray's own listens on the wildcard."""
+    config_class, _ = _bound_rendezvous_classes()
+    return config_class(backend=backend)
+
+
+def __getattr__(name: str) -> type:
+    """The two Ray subclasses, built on first use and found here by name, so that pickle sends
+    them to Ray's controller and workers by reference (PEP 562)."""
+    if name not in BOUND_RENDEZVOUS_CLASSES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return dict(zip(BOUND_RENDEZVOUS_CLASSES, _bound_rendezvous_classes()))[name]
+
+
+@functools.cache
+def _bound_rendezvous_classes() -> tuple[type, type]:
+    import ray
+    import torch.distributed as dist
+    from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
+    from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars, _TorchBackend
+
+    class BoundRendezvousTorchBackend(_TorchBackend):
+        """Ray's torch backend, but a gloo group's rendezvous listens on MASTER_ADDR only (the
+        group always starts from the store: the config's init_method is not used for gloo)."""
+
+        def on_start(self, worker_group, backend_config) -> None:
+            if backend_config.backend != "gloo" or not dist.is_available():
+                return super().on_start(worker_group, backend_config)  # NCCL, GPUs: as Ray does it
+            world_size, timeout_s = len(worker_group), backend_config.timeout_s
+            # rank 0 listens before anyone is told the port: the port is never free in between
+            addr, port = worker_group.execute_single(0, _serve_rendezvous, world_size, timeout_s)
+            worker_group.execute(_set_master_env, addr, port)  # what Ray's env:// setup leaves behind
+            if not isinstance(worker_group, V1WorkerGroup):  # as Ray: V1 sets these at training start
+                worker_group.execute(_set_torch_distributed_env_vars)
+            ray.get([worker_group.execute_single_async(rank, _join_process_group, backend_config.backend, rank,
+                                                       world_size, addr, port, timeout_s)
+                     for rank in range(world_size)])
+
+    class BoundRendezvousTorchConfig(TorchConfig):
+        """TorchConfig whose backend is BoundRendezvousTorchBackend."""
+
+        @property
+        def backend_cls(self):
+            return BoundRendezvousTorchBackend
+
+    for cls in (BoundRendezvousTorchConfig, BoundRendezvousTorchBackend):
+        cls.__qualname__ = cls.__name__  # so that pickle finds it as trainer.ray_private.<name>
+    return BoundRendezvousTorchConfig, BoundRendezvousTorchBackend
+
+
+def _serve_rendezvous(world_size: int, timeout_s: float) -> tuple[str, int]:
+    """In rank 0: bind a socket to this node's address (port 0: the kernel picks a free one, so
+    nothing can take it before the store listens), serve a master TCPStore on it, keep the store
+    for _join_process_group; return (address, port)."""
+    import ray
+    from torch.distributed import TCPStore
+
+    addr = ray.util.get_node_ip_address()
+    listener = socket.create_server((addr, 0), family=socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    port = listener.getsockname()[1]
+    # the store owns the descriptor from here on (it closes it when it goes): detach, not close
+    _rank0_store["store"] = TCPStore(addr, port, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                                     wait_for_workers=False, master_listen_fd=listener.detach())
+    return addr, port
+
+
+def _set_master_env(addr: str, port: int) -> None:
+    os.environ["MASTER_ADDR"] = addr
+    os.environ["MASTER_PORT"] = str(port)
+
+
+def _join_process_group(backend: str, world_rank: int, world_size: int, addr: str, port: int,
+                        timeout_s: float) -> None:
+    """In every worker: torch's default process group over rank 0's TCPStore (rank 0 holds the
+    master; the others connect a client to addr:port)."""
+    import torch.distributed as dist
+    from torch.distributed import TCPStore
+
+    timeout = timedelta(seconds=timeout_s)
+    if world_rank == 0:
+        store = _rank0_store.pop("store")
+    else:
+        store = TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    # the process group keeps the store; destroy_process_group (Ray's on_shutdown) closes it
+    dist.init_process_group(backend=backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout)

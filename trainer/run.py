@@ -25,7 +25,7 @@ from trainer.loop import LoopContext, train_loop_per_worker
 from trainer.storage import Location, contained, locate
 from trainer.safe_load import check_resume_checkpoint
 from trainer import progress, tracking
-from trainer.ray_private import use_single_machine_mode
+from trainer.ray_private import bound_torch_config, use_single_machine_mode
 
 
 # On a cluster the default ./ray_results would land in a job's temporary working directory:
@@ -225,7 +225,7 @@ def init_ray(address: str | None = None) -> None:
 def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | None = None):
     """The TorchTrainer for this run (also used inside Ray Tune trials)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     cfg = handle.cfg
     ctx = LoopContext(run_dir=str(handle.run_dir), tracking_uri=handle.tracking_uri, run_id=handle.run_id,
@@ -234,7 +234,8 @@ def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | N
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "ctx": ctx},
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        # gloo's rendezvous (rank 0's TCPStore) on MASTER_ADDR, not the wildcard: see ray_private
+        torch_config=bound_torch_config("nccl" if cfg.run.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
