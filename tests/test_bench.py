@@ -184,9 +184,10 @@ def test_quick_scaling_without_ray_writes_json_logs_mlflow_and_ends_with_the_rat
 
 
 @pytest.mark.slow
-def test_every_benchmark_quick_through_the_cli(tmp_path):
+def test_every_benchmark_quick_through_the_cli(tmp_path, shared_ray):
     """All six with --quick: real Ray Train runs, real shards, a real Ray Tune sweep (minutes)."""
-    out = run_bench(["--quick", "--no-mlflow", "--out", str(tmp_path / "res")], cwd=tmp_path, timeout=1700)
+    out = run_bench(["--quick", "--no-mlflow", "--out", str(tmp_path / "res")], cwd=tmp_path, env=shared_ray,
+                    timeout=1700)
     ratio_lines = [ln for ln in out.stdout.splitlines() if RATIO_LINE.match(ln)]
     assert [RATIO_LINE.match(ln).group(1) for ln in ratio_lines] == harness.ORDER, out.stdout[-3000:] + out.stderr[-3000:]
     for name in harness.ORDER:

@@ -28,7 +28,7 @@ def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
-def test_deepspeed_dsprites_checkpoints_resumes_and_probes(tmp_path, dsprites_small, zero_stage):
+def test_deepspeed_dsprites_checkpoints_resumes_and_probes(tmp_path, dsprites_small, zero_stage, shared_ray):
     root = str(dsprites_small)
     if zero_stage == 2:  # a relative data.root: Ray workers and the probe actor run in folders of their own
         (tmp_path / "shards").symlink_to(dsprites_small)
@@ -37,9 +37,9 @@ def test_deepspeed_dsprites_checkpoints_resumes_and_probes(tmp_path, dsprites_sm
               f"optim.zero_stage={zero_stage}", "run.checkpoint_every=20", "run.log_every=10",
               "probe.max_train_samples=1500", "probe.max_eval_samples=400", "run.name=ds", "optim.warmup_steps=5",
               "data.shuffle_buffer=200", "model.hidden=[128,128,128]", "run.stop_at={}"]
-    first = run_linrep(["train", *common, "optim.steps=20"], cwd=tmp_path, timeout=900)
+    first = run_linrep(["train", *common, "optim.steps=20"], cwd=tmp_path, env=shared_ray, timeout=900)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    second = run_linrep(["train", *common, "optim.steps=40"], cwd=tmp_path, timeout=900)
+    second = run_linrep(["train", *common, "optim.steps=40"], cwd=tmp_path, env=shared_ray, timeout=900)
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-4000:]
     assert "resumed from step 20" in log

@@ -49,15 +49,15 @@ def imagenet_shards(tmp_path_factory) -> Path:
     return out
 
 
-def test_tiny_timm_model_deepspeed_two_workers_checkpoints_resumes_is_probed(tmp_path, imagenet_shards):
+def test_tiny_timm_model_deepspeed_two_workers_checkpoints_resumes_is_probed(tmp_path, imagenet_shards, shared_ray):
     common = ["imagenet-resnet50", f"data.root={imagenet_shards}", "model.encoder=resnet10t", "run.use_gpu=false",
               "run.workers=2", "run.cpus_per_worker=1", "optim.batch_size=32", "optim.lr=0.05",
               "optim.warmup_steps=5", "optim.zero_stage=2", "data.image_size=32", "data.loader_workers=0",
               "data.shuffle_buffer=100", "run.checkpoint_every=60", "run.log_every=20", "probe.actor_gpus=0",
               "data.granularity=binary", "run.name=inet"]
-    first = run_linrep(["train", *common, "optim.steps=60"], cwd=tmp_path, timeout=1200)
+    first = run_linrep(["train", *common, "optim.steps=60"], cwd=tmp_path, env=shared_ray, timeout=1200)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    second = run_linrep(["train", *common, "optim.steps=180"], cwd=tmp_path, timeout=1200)
+    second = run_linrep(["train", *common, "optim.steps=180"], cwd=tmp_path, env=shared_ray, timeout=1200)
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-4000:]
     assert "resumed from step 60" in log

@@ -136,10 +136,10 @@ def test_paper_table_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_reproduce_quick_end_to_end(tmp_path):
+def test_reproduce_quick_end_to_end(tmp_path, shared_ray):
     """The CI grid (3 trials, one seed: every arm and every axis kind) through Ray Tune and MLflow, ending
     with the paper's table."""
-    out = run_linrep(["reproduce", "synthetic", "--quick"], cwd=tmp_path, timeout=1200)
+    out = run_linrep(["reproduce", "synthetic", "--quick"], cwd=tmp_path, env=shared_ray, timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "| setting | Supervised R² z̃→z |" in out.stdout and "DIET free W (C4) MAE w→v" in out.stdout
     sweep_dir = tmp_path / "ray_results" / "sweeps" / "reproduce-synthetic-quick"

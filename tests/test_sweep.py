@@ -312,9 +312,9 @@ def check_finished_sweep(tmp_path: Path, name: str, n_trials: int, out: subproce
 
 
 @pytest.mark.slow
-def test_ci_grid_2x2x2_runs_two_at_a_time_and_summarises_in_mlflow(tmp_path):
+def test_ci_grid_2x2x2_runs_two_at_a_time_and_summarises_in_mlflow(tmp_path, shared_ray):
     """The figure: a 2x2 grid x 2 seeds sweep on 2 cores runs trials two at a time; summary in MLflow."""
-    out = run_linrep(["sweep", "ci-grid"], cwd=tmp_path, timeout=1500)
+    out = run_linrep(["sweep", "ci-grid"], cwd=tmp_path, env=shared_ray, timeout=1500)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     check_finished_sweep(tmp_path, "ci-grid", 8, out)
     sweep_dir = tmp_path / "ray_results" / "sweeps" / "ci-grid"
@@ -390,7 +390,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
 
 
 @pytest.mark.slow
-def test_asha_stops_bad_trials_early_and_frees_their_cpus(tmp_path):
+def test_asha_stops_bad_trials_early_and_frees_their_cpus(tmp_path, shared_ray):
     """ASHA on a probe metric: the two tiny learning rates are stopped at the first rung; their
     Ray Train runs are aborted (CPUs freed for the next trial), their child runs marked KILLED."""
     from trainer.checkpoint import list_checkpoints, read_meta
@@ -403,7 +403,7 @@ def test_asha_stops_bad_trials_early_and_frees_their_cpus(tmp_path):
     raw["overrides"].update({"optim.steps": 2500})
     spec.write_text(yaml.safe_dump(raw))
     t0 = time.time()
-    out = run_linrep(["sweep", str(spec)], cwd=tmp_path, timeout=1200)
+    out = run_linrep(["sweep", str(spec)], cwd=tmp_path, env=shared_ray, timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "WorkerGroupStartupTimeout" not in out.stdout + out.stderr  # no leaked CPUs
     sweep_dir = tmp_path / "ray_results" / "sweeps" / "asha"
