@@ -89,7 +89,8 @@ def make_driver(profile: Path):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
-def test_mlflow_ui_shows_the_sweep_its_children_and_its_best_runs_model_dataset_and_plots(tmp_path, mlflow_server):
+def test_mlflow_ui_shows_the_sweep_its_children_and_its_best_runs_model_dataset_and_plots(tmp_path, mlflow_server,
+                                                                                        shared_ray):
     spec = {"name": SWEEP, "base": "synthetic-supervised", "classes": [10, 20], "seeds": 1, "max_concurrent": 2,
             "overrides": {"optim.steps": 100, "optim.warmup_steps": 10, "run.checkpoint_every": 50,
                           "run.log_every": 25, "model.hidden": [32, 32], "data.generator_pool": 500,
@@ -97,7 +98,7 @@ def test_mlflow_ui_shows_the_sweep_its_children_and_its_best_runs_model_dataset_
                           "tracking.register_model": "browse-classifier"}}
     (tmp_path / "browse.yaml").write_text(yaml.safe_dump(spec))
     out = run_linrep(["sweep", str(tmp_path / "browse.yaml")], cwd=tmp_path, timeout=900,
-                     env={"MLFLOW_TRACKING_URI": mlflow_server})
+                     env={**shared_ray, "MLFLOW_TRACKING_URI": mlflow_server})
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert not (tmp_path / "mlruns").exists()  # everything went to the server
 

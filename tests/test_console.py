@@ -16,8 +16,8 @@ NOISE = ("PlacementGroupCleaner", "Reporting training result", "Checkpoint succe
          "UserWarning", PROGRESS_MAGIC.strip())
 
 
-def test_console_is_progress_and_figures_ray_goes_to_the_log_verbose_shows_it(tmp_path):
-    out = run_linrep([*ARGS, "optim.steps=100"], cwd=tmp_path, env=ENV, timeout=600)
+def test_console_is_progress_and_figures_ray_goes_to_the_log_verbose_shows_it(tmp_path, shared_ray):
+    out = run_linrep([*ARGS, "optim.steps=100"], cwd=tmp_path, env={**shared_ray, **ENV}, timeout=600)
     console = out.stdout + out.stderr
     assert out.returncode == 0, console[-4000:]
     for noise in NOISE:
@@ -36,7 +36,7 @@ def test_console_is_progress_and_figures_ray_goes_to_the_log_verbose_shows_it(tm
     (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     assert [a.path for a in client.list_artifacts(run.info.run_id, "logs")] == ["logs/linrep.log"]
 
-    again = run_linrep([*ARGS, "optim.steps=150", "--verbose"], cwd=tmp_path, env=ENV, timeout=600)
+    again = run_linrep([*ARGS, "optim.steps=150", "--verbose"], cwd=tmp_path, env={**shared_ray, **ENV}, timeout=600)
     console = again.stdout + again.stderr
     assert again.returncode == 0, console[-4000:]
     assert "resumed from step 100" in console and "[linrep] step 150/150" in again.stdout

@@ -225,7 +225,7 @@ def _corrupt_one_png(root: Path, shard: str) -> str:
     return damage_one_image(root / shard, "png", lambda data: b"not a png at all" * 4)
 
 
-def test_sha256_mismatch_stops_or_is_skipped(tmp_path, dsprites_tiny):
+def test_sha256_mismatch_stops_or_is_skipped(tmp_path, dsprites_tiny, shared_ray):
     root = _copy_dataset(dsprites_tiny, tmp_path / "ds")
     shard = root / "train-000001.tar"
     data = bytearray(shard.read_bytes())
@@ -237,23 +237,24 @@ def test_sha256_mismatch_stops_or_is_skipped(tmp_path, dsprites_tiny):
     err = [l for l in stopped.stderr.splitlines() if l.strip()]
     assert len(err) == 1 and "train-000001.tar" in err[0] and "sha256" in err[0]
     assert not (tmp_path / "ray_results").exists()  # stopped before any training
-    skipped = run_linrep([*base, "data.on_error=skip"], cwd=tmp_path, timeout=600)
+    skipped = run_linrep([*base, "data.on_error=skip"], cwd=tmp_path, env=shared_ray, timeout=600)
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     run = only_run(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "dislib-dsprites")
     assert run.data.metrics["data/skipped"] == 400
 
 
-def test_undecodable_image_stops_naming_shard_and_sample_or_is_counted(tmp_path, dsprites_tiny):
+def test_undecodable_image_stops_naming_shard_and_sample_or_is_counted(tmp_path, dsprites_tiny, shared_ray):
     root = _copy_dataset(dsprites_tiny, tmp_path / "ds")
     key = _corrupt_one_png(root, "train-000000.tar")
     _rewrite_manifest_sha(root, "train-000000.tar")
     base = ["train", "dislib-dsprites-mlp", f"data.root={root}", "optim.steps=20", "run.workers=1",
             "run.max_failures=0", "data.loader_workers=0", *DS_ARGS]
-    stopped = run_linrep(base, cwd=tmp_path, timeout=600)
+    stopped = run_linrep(base, cwd=tmp_path, env=shared_ray, timeout=600)
     assert stopped.returncode == 1
     line = stopped.stderr.strip().splitlines()[-1]
     assert "train-000000.tar" in line and key in line, stopped.stderr[-2000:]
-    counted = run_linrep([*base, "data.on_error=skip", "run.name=skip"], cwd=tmp_path, timeout=600)
+    counted = run_linrep([*base, "data.on_error=skip", "run.name=skip"], cwd=tmp_path, env=shared_ray,
+                         timeout=600)
     assert counted.returncode == 0, counted.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 
