@@ -121,7 +121,7 @@ def test_a_checkpoint_cut_short_by_the_disk_leaves_the_previous_one_the_resume_p
             assert resume_step(run_dir) == 200
 
 
-def test_linrep_train_on_a_disk_that_fills_stops_in_one_line_and_resumes_once_there_is_room(tmp_path):
+def test_linrep_train_on_a_disk_that_fills_stops_in_one_line_and_resumes_once_there_is_room(tmp_path, shared_ray):
     """End to end: `linrep train` with run.storage on a real 8 MiB tmpfs, filled by another writer
     after the second checkpoint. The run stops with one line naming the full disk and the resume
     point, no traceback on the console; the MLflow run (on another disk) is FAILED; once the filler
@@ -136,7 +136,7 @@ def test_linrep_train_on_a_disk_that_fills_stops_in_one_line_and_resumes_once_th
     args = ["train", "synthetic-supervised", f"optim.steps={steps}", "run.workers=1", f"run.checkpoint_every={every}",
             f"run.log_every={log}", "probe.samples=1024", "data.generator_pool=1000", "model.hidden=[128,128]",
             "optim.warmup_steps=5", "run.max_failures=1", "run.name=full"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **shared_ray, "PYTHONUNBUFFERED": "1"}
     with tiny_fs(tmp_path / "store", size="8m") as store:
         run_dir = store / "full"
         proc = subprocess.Popen([*LINREP, *args, f"run.storage={store}"], cwd=tmp_path, env=env,

@@ -38,7 +38,7 @@ def plant_pickles(sweep_dir: Path, marker: Path) -> None:
         json.dumps({"trial_data": [], "runner_data": payload.hex()}))
 
 
-def test_crafted_tune_pickles_in_the_sweep_folder_never_run(tmp_path):
+def test_crafted_tune_pickles_in_the_sweep_folder_never_run(tmp_path, shared_ray):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "planted", "base": "synthetic-supervised", "seeds": 1,
@@ -51,14 +51,14 @@ def test_crafted_tune_pickles_in_the_sweep_folder_never_run(tmp_path):
     args = ["sweep", str(spec), f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", "--storage", str(tmp_path / "sweeps")]
 
     plant_pickles(sweep_dir, marker)  # before the first run: the old code restored from these
-    first = run_cli(args, cwd=tmp_path, timeout=600)
+    first = run_cli(args, cwd=tmp_path, env=shared_ray, timeout=600)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     assert not marker.exists(), "a pickle from the sweep folder was loaded"
     ledger = json.loads((sweep_dir / "trials" / "planted-s0.json").read_text())
     assert ledger["status"] == "finished" and len(ledger["attempts"]) == 1
 
     plant_pickles(sweep_dir, marker)  # again, over what Tune wrote: a rerun resumes from the ledger
-    again = run_cli(args, cwd=tmp_path, timeout=600)
+    again = run_cli(args, cwd=tmp_path, env=shared_ray, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
     assert not marker.exists(), "a pickle from the sweep folder was loaded on resume"
     assert "1 of 1 trials already ended" in again.stderr or "resuming" in again.stderr
