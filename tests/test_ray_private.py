@@ -213,3 +213,21 @@ def test_bound_rendezvous_config_is_a_torch_config_pickled_by_name():
     assert pickle.loads(data) == config and type(pickle.loads(data)) is type(config)
     with pytest.raises(AttributeError):
         ray_private.no_such_name  # noqa: B018  (the module __getattr__ builds the two classes only)
+
+
+def test_the_raylets_messages_to_the_driver_reach_the_worker_output_handler(monkeypatch):
+    """Ray's thread for the raylet's messages to drivers ("8 PYTHON worker processes have been
+    started ...") prints through the module global print_to_stdstream, past the dispatcher:
+    route_error_messages replaces that global, so those lines reach the run's log, not stdout."""
+    from ray._private import worker
+
+    if not callable(getattr(worker, "print_to_stdstream", None)):
+        _fail("ray._private.worker.print_to_stdstream is gone: the raylet's messages now reach the driver another way")
+    if "print_to_stdstream(" not in inspect.getsource(worker.listen_error_messages):
+        _fail("ray._private.worker.listen_error_messages no longer prints through print_to_stdstream")
+    monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # restored after the test
+    seen: list[dict] = []
+    ray_private.route_error_messages(seen.append)
+    message = {"lines": ["WARNING: 8 PYTHON worker processes have been started"], "pid": "raylet", "is_err": False}
+    worker.print_to_stdstream(message, False)
+    assert seen == [message]

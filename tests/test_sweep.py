@@ -316,6 +316,8 @@ def test_ci_grid_2x2x2_runs_two_at_a_time_and_summarises_in_mlflow(tmp_path, sha
     """The figure: a 2x2 grid x 2 seeds sweep on 2 cores runs trials two at a time; summary in MLflow."""
     out = run_linrep(["sweep", "ci-grid"], cwd=tmp_path, env=shared_ray, timeout=1500)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for noise in ("(raylet)", "PlacementGroupCleaner", "Reporting training result"):  # Ray's lines: the log's
+        assert noise not in out.stdout + out.stderr, (noise, (out.stdout + out.stderr)[-3000:])
     check_finished_sweep(tmp_path, "ci-grid", 8, out)
     sweep_dir = tmp_path / "ray_results" / "sweeps" / "ci-grid"
     spans = _intervals(sweep_dir)

@@ -39,7 +39,9 @@ What is used, and why there is no public way to do it in Ray 2.60:
   handler: the driver's consumer of every worker's and actor's output (log_to_driver). The
   console (trainer/progress.py) replaces it so that progress lines reach the display and Ray's
   own lines reach the run's log file; Ray's public switches only turn the stream on or off
-  (log_to_driver), and off would leave the driver without the workers' progress.
+  (log_to_driver), and off would leave the driver without the workers' progress. Messages the
+  raylet pushes to drivers bypass it: ``ray._private.worker.print_to_stdstream``, called by name
+  from Ray's error-message thread, is replaced to send them the same way.
 - ``ray.train.torch.config._TorchBackend`` and its ``_set_torch_distributed_env_vars``, with
   ``ray.train._internal.worker_group.WorkerGroup`` (Train V1's group, which Ray's ``on_start``
   tells apart): the backend that sets up torch's process group in the workers. Its gloo
@@ -122,7 +124,18 @@ def route_worker_output(handler: Callable[[dict], None]) -> Callable[[dict], Non
     ray_printer = next((h for name, h in dispatcher.handlers if name == WORKER_OUTPUT_HANDLER), None)
     dispatcher.remove_handler(WORKER_OUTPUT_HANDLER)
     dispatcher.add_handler(WORKER_OUTPUT_HANDLER, handler)
+    route_error_messages(handler)
     return ray_printer
+
+
+def route_error_messages(handler: Callable[[dict], None]) -> None:
+    """Send the messages the raylet pushes to drivers (``(raylet) WARNING: 8 PYTHON worker
+    processes have been started ...`` during a sweep) to `handler` as well: Ray's thread for them
+    prints each through ``ray._private.worker.print_to_stdstream`` straight to stdout, past the
+    dispatcher, so a module global is the one place to catch them."""
+    from ray._private import worker
+
+    worker.print_to_stdstream = lambda data, ignore_prefix=False: handler(data)
 
 
 # ---- job working_dir packaging ------------------------------------------------------------
