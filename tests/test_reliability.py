@@ -300,13 +300,13 @@ def test_tracking_server_unreachable_at_start_is_one_line(tmp_path):
     assert not (tmp_path / "ray_results").exists()
 
 
-def test_tracking_server_lost_mid_run_training_finishes_and_warns(tmp_path):
+def test_tracking_server_lost_mid_run_training_finishes_and_warns(tmp_path, shared_ray):
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     args = ["train", "synthetic-supervised", "optim.steps=800", "run.checkpoint_every=100", "run.log_every=20",
             f"tracking.uri=http://127.0.0.1:{port}", "run.name=outage", "tracking.outage_wait_s=5", *SMALL]
     proc = subprocess.Popen([*LINREP, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env={**os.environ, **shared_ray})
     try:
         wait_for_checkpoint(tmp_path / "ray_results" / "outage", 100, proc)
         os.killpg(server.pid, signal.SIGKILL)  # the server goes away and never returns
