@@ -102,3 +102,54 @@ def test_matches_official_frames():
     shapes = np.array([ds.grid_classes(r[2])[1] for r in report])
     assert (shapes == 0).sum() >= 32 and mismatches[shapes == 0].sum() <= 16  # squares near-exact
     assert mismatches[shapes == 1].max() <= 8
+
+
+def _reference_image(index: int) -> np.ndarray:
+    """The documented geometry evaluated directly: uint8 {0, 1} [64, 64] of one grid index.
+
+    Pixel (row i, column j) has its centre at (j + 0.5, i + 0.5) px; the sprite centre is at
+    16 + 32·pos px (x from the left, y from the top); a point is taken into the sprite's frame
+    (u right, w up) by rotating it by -orientation about the centre and dividing by the scale.
+    """
+    _, shape, scale, orientation, pos_x, pos_y = ds.grid_values(index).astype(np.float64)
+    rows, cols = np.mgrid[:ds.IMAGE_SIZE, :ds.IMAGE_SIZE].astype(np.float64) + 0.5
+    dx, dy_up = cols - (16 + 32 * pos_x), (16 + 32 * pos_y) - rows
+    cos, sin = np.cos(np.full((1, 1), orientation)), np.sin(np.full((1, 1), orientation))
+    u, w = (dx * cos + dy_up * sin) / scale, (-dx * sin + dy_up * cos) / scale
+    inside = {1: ds._inside_square, 2: ds._inside_ellipse, 3: ds._inside_heart}[int(shape)]
+    return inside(u, w).astype(np.uint8)
+
+
+def _geometry_sample() -> np.ndarray:
+    """Seeded random grid indices plus every shape and orientation at the largest scale in the
+    four corners (where the sprite window is clipped by the image border)."""
+    rng = np.random.default_rng(7)
+    corners = [(0, 0), (0, 31), (31, 0), (31, 31)]
+    edge = [ds.GRID_STRIDES @ [0, shape, 5, orient, px, py]
+            for shape in range(3) for orient in range(40) for px, py in corners]
+    return np.concatenate([rng.choice(ds.NUM_IMAGES, 400, replace=False), edge]).astype(np.int64)
+
+
+def test_fast_renderer_and_shards_follow_the_documented_geometry(tmp_path):
+    """The shard writer's fast path (cached axis terms, sprite window, cached .npy header) must
+    draw exactly what the geometry says, and the shards must hold exactly those images."""
+    sample = _geometry_sample()
+    assert set(ds.grid_classes(sample)[:, 1].tolist()) == {0, 1, 2}
+    for index in sample.tolist():
+        expected = _reference_image(index)
+        np.testing.assert_array_equal(ds.render_index(index), expected, err_msg=f"index {index}")
+        np.testing.assert_array_equal(ds._render_grid_image(*ds._classes_of(index)[1:]), expected)
+    np.testing.assert_array_equal(ds.render_index(sample[:64]), [_reference_image(i) for i in sample[:64]])
+
+    manifest = ds.generate_dsprites(tmp_path, seed=5, samples_per_shard=100, processes=1, limit=300,
+                                    progress=False)
+    seen = 0
+    for split in manifest.splits:
+        urls = [str(tmp_path / i.name) for i in manifest.shards(split)]
+        for s in wds.WebDataset(urls, shardshuffle=False).decode("l8"):
+            k = int(s["__key__"])
+            np.testing.assert_array_equal(s["png"], _reference_image(k) * 255)
+            np.testing.assert_array_equal(s["factors.npy"], ds.grid_values(k))
+            assert s["factors.npy"].dtype == np.float32 and s["cls"] == ds.grid_classes(k)[1]
+            seen += 1
+    assert seen == 300
