@@ -37,8 +37,8 @@ def ray_local():
 
 # A Ray head that outlives every test of the session, for CLI subprocesses that join it through
 # RAY_ADDRESS instead of starting their own local Ray (about 14 s per start on a 2-core AMD EPYC,
-# measured; some 35 starts in the suite). A holder process ray.init()s a local Ray as `linrep train`
-# does (trainer.run.init_ray: single-machine mode, every socket on 127.0.0.1), prints its GCS
+# measured; 20 tests, with some 30 CLI runs, join it). A holder process ray.init()s a local Ray as
+# `linrep train` does (trainer.run.init_ray: single-machine mode, every socket on 127.0.0.1), prints its GCS
 # address, and shuts Ray down when its stdin closes: when the session ends, or when pytest dies.
 # Only for tests that neither kill Ray's processes nor inspect their own Ray's sockets, and whose
 # Ray workers need no environment variable that only the subprocess has (a shared raylet starts
