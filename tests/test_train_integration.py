@@ -148,9 +148,11 @@ def test_a_checkpoint_persisted_but_never_recorded_by_the_controller_is_the_resu
     proc = subprocess.Popen([*LINREP, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline, controller = time.time() + 300, None
+        deadline, controller, seen, grew_at = time.time() + 300, None, [], time.time()
         while time.time() < deadline and proc.poll() is None:
             persisted = [read_meta(p)["step"] for p in list_checkpoints(run_dir)] if run_dir.exists() else []
+            if persisted != seen:
+                seen, grew_at = persisted, time.time()
             if controller is None and persisted:
                 controller = _train_controller(proc.pid)
                 assert controller is not None, "no ray::TrainController in the run's process tree"
@@ -158,6 +160,10 @@ def test_a_checkpoint_persisted_but_never_recorded_by_the_controller_is_the_resu
                 frozen_at = max(persisted)
             elif controller is not None and max(persisted) >= frozen_at + every:
                 time.sleep(2)  # the worker may persist one more before its report queue blocks it
+                break
+            elif controller is not None and time.time() - grew_at > 10:
+                # the worker persisted its last ones before the freeze was seen (two checkpoints can
+                # land within one poll) and now waits on its full report queue: nothing more comes
                 break
             time.sleep(0.2)
         assert proc.poll() is None, f"run ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
