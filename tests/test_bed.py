@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -428,6 +429,73 @@ def test_s3_run_on_w1_w2_probe_on_head_sockets_and_a_tracking_restart(bed):
     assert probes == {cfg["head"]}, job_actors
 
 
+CHECKPOINT_FOLDERS = r"""
+import json, sys
+from trainer.checkpoint import PRUNED_MARKER, is_complete
+from trainer.storage import locate
+def state(folder):
+    if is_complete(folder):
+        return "whole"
+    return "pruned" if set(folder.files()) == {PRUNED_MARKER} else "partial"  # retention keeps a marker
+run = locate(sys.argv[1])
+print(json.dumps({d.name: state(d) for d in run.subdirs("checkpoint_")}))
+"""
+
+
+def _moto_pids(bed: Bed) -> list[int]:
+    return [p for p in bed.node_pids("head") if "moto.server" in _cmdline(p)]
+
+
+@pytest.mark.slow
+def test_a_store_that_stops_answering_mid_run_is_waited_out_and_every_checkpoint_is_whole(bed):
+    """Issue 13, head services: the S3 store on the head stops answering right after the run's
+    first checkpoint lands, and comes back 15 s later (pyarrow's default client gave up after
+    11 s: 3 attempts x 3 s). moto keeps its buckets in memory, so this
+    is a pause (SIGSTOP), not a restart: it accepts connections and answers nothing, like a hung
+    endpoint. The worker's checkpoint upload and the probe actor's reads wait it out
+    (trainer.storage: a 60 s request timeout that Ray Train's pickled filesystem keeps); the run
+    finishes, every train step is logged once, and every checkpoint folder in the bucket is whole
+    (meta.json lists each file's size, and the bucket holds each file at that size)."""
+    name, steps, every, log_every = "bed-s3-pause", 600, 100, 20
+    t0 = time.monotonic()
+    job = subprocess.Popen(
+        ["bash", str(REPO / "infra" / "local" / "bed.sh"), "exec", "client", sys.executable, "-m", "linrep", "submit",
+         "train", "synthetic-supervised", f"run.name={name}", "run.storage=s3://linrep/runs",
+         f"optim.steps={steps}", f"optim.warmup_steps={steps // 10}", f"run.checkpoint_every={every}",
+         f"run.log_every={log_every}", "probe.samples=1024", "probe.actor_resources={bed_head: 1}"],
+        env=bed.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def first_checkpoint():
+            keys = _client_py(bed, S3_LIST, "linrep", f"runs/{name}", timeout=60)
+            return [k for k in keys if k.endswith("/meta.json")]
+        _wait_for(first_checkpoint, 300, "the first checkpoint in s3://linrep/runs")
+        moto = _moto_pids(bed)
+        assert moto, "no moto server process on the head"
+        for pid in moto:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(15)
+            running_through_the_pause = job.poll() is None
+        finally:
+            for pid in moto:
+                os.kill(pid, signal.SIGCONT)
+        out, err = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    print(f"\nthe run, submit to end, through a 15 s pause of the store: {time.monotonic() - t0:.0f} s")
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    assert running_through_the_pause  # it could not finish without the store: its checkpoints live there
+    folders = _client_py(bed, CHECKPOINT_FOLDERS, f"s3://linrep/runs/{name}", timeout=60)
+    assert folders.get(f"checkpoint_{steps:08d}") == "whole", folders
+    assert set(folders.values()) <= {"whole", "pruned"}, folders  # nothing half-written was left behind
+    rec = _client_py(bed, RUN_RECORD, name, "train/loss", timeout=120)
+    assert rec["status"] == "FINISHED", rec["status"]
+    assert rec["hist"]["train/loss"] == list(range(log_every, steps + 1, log_every)), rec["hist"]["train/loss"]
+    assert rec["probe_steps"] and set(rec["probe_steps"]) <= set(range(every, steps + 1, every)), rec["probe_steps"]
+
+
 @pytest.mark.slow
 def test_losing_w1_mid_run_resumes_from_the_last_checkpoint_with_every_step_logged_once(bed):
     """Issue 13, item 4: a 2-worker run with checkpoints on the shared /srv; after the first
@@ -491,6 +559,27 @@ def test_a_sweep_submitted_from_the_client_keeps_its_folder_in_s3(bed):
     workers = {ip for c, ip in actors if c == "RayTrainWorker"}
     assert workers and workers <= {cfg["w1"], cfg["w2"]}, actors  # trials ran on the worker nodes only
     assert {ip for c, ip in actors if c == "_ProbeActor"} == {cfg["head"]}, actors
+
+
+@pytest.mark.slow
+def test_reproduce_submitted_from_the_client_runs_its_plan_on_the_workers_and_keeps_its_tables_in_s3(bed):
+    """Issue 13, item 5: `linrep submit reproduce synthetic --quick --budget 0.1`: the quick plan's
+    three trials at the 20-step floor, one Ray Train worker each, two at a time (one per worker
+    node), the sweep folder with the paper's table in s3://linrep/sweeps."""
+    before = {a for _, _, a in _client_py(bed, RUN_RECORD, "-", "", timeout=120)["actors"]}
+    t0 = time.monotonic()
+    out = _linrep(bed, "submit", "reproduce", "synthetic", "--quick", "--budget", "0.1",
+                  "--storage", "s3://linrep/sweeps", timeout=600)
+    print(f"\nreproduce --quick, submit to end: {time.monotonic() - t0:.0f} s")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "reproduce: 3/3 trials finished" in out.stdout, out.stdout[-3000:]
+    keys = _client_py(bed, S3_LIST, "linrep", "sweeps/reproduce-synthetic-quick-b0.1", timeout=60)
+    assert any(k.endswith("summary/paper_table.md") for k in keys), keys
+    assert not list((bed.state_dir / "shared").glob("ray_results/sweeps/reproduce*"))  # nothing on /srv
+    cfg = bed.config()
+    actors = [(c, ip) for c, ip, a in _client_py(bed, RUN_RECORD, "-", "", timeout=120)["actors"] if a not in before]
+    workers = {ip for c, ip in actors if c == "RayTrainWorker"}
+    assert workers == {cfg["w1"], cfg["w2"]}, actors  # both worker nodes took trials
 
 
 UPLOAD = r"""

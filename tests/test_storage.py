@@ -10,13 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import pytest
 
 from trainer.errors import UserError
-from trainer.storage import locate
+from trainer.storage import S3_REQUEST_TIMEOUT_S, Location, locate
 
 FAKE_ENV = {"AWS_ACCESS_KEY_ID": "linrep-test-key", "AWS_SECRET_ACCESS_KEY": "linrep-test-secret",
             "AWS_DEFAULT_REGION": "us-east-1"}
@@ -28,6 +30,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+MOTO: dict = {}  # the module's moto server process (s3_server), for the tests that pause it
+
+
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server on a free local port; the AWS variables point this process (and every
@@ -36,6 +41,7 @@ def s3_server():
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
+    MOTO["proc"] = proc
     saved = {k: os.environ.get(k) for k in [*FAKE_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update({**FAKE_ENV, "AWS_ENDPOINT_URL": endpoint})
     try:
@@ -320,3 +326,54 @@ def test_a_missing_bucket_ends_the_command_in_one_line_before_anything_starts(s3
     assert out.returncode == 2, (out.stdout + out.stderr)[-2000:]
     (line,) = [l for l in out.stderr.splitlines() if "no-such-bucket" in l]
     assert "bucket s3://no-such-bucket does not exist" in line
+
+
+# ---- a store that stops answering for a while ----------------------------------------------------
+@contextmanager
+def _store_paused(seconds: float):
+    """moto SIGSTOPped (it accepts connections and answers nothing, like a hung store); a timer
+    SIGCONTs it after `seconds`, or leaving the block does. Yields {'resumed': monotonic time}."""
+    pgid, state, lock = MOTO["proc"].pid, {}, threading.Lock()
+
+    def resume():
+        with lock:
+            if "resumed" not in state:
+                os.killpg(pgid, signal.SIGCONT)
+                state["resumed"] = time.monotonic()
+
+    os.killpg(pgid, signal.SIGSTOP)
+    timer = threading.Timer(seconds, resume)
+    timer.start()
+    try:
+        yield state
+    finally:
+        timer.cancel()
+        resume()
+
+
+def test_a_store_paused_for_a_while_is_waited_out_by_the_filesystem_ray_train_gets(bucket):
+    """Ray Train writes checkpoints through the filesystem it is handed, pickled: the request
+    timeout travels with it, so an upload into a paused store finishes once the store is back
+    (pyarrow's default, 3 attempts x 3 s, failed this write 11 s into the pause)."""
+    from ray import cloudpickle
+
+    folder = locate(f"{bucket}/runs/r/checkpoint_00000100")
+    shipped = cloudpickle.loads(cloudpickle.dumps(folder.ray_storage()["storage_filesystem"]))
+    assert shipped.__reduce__()[1][0]["request_timeout"] == S3_REQUEST_TIMEOUT_S
+    with _store_paused(15) as state:
+        Location(shipped, folder.path + "/model.safetensors", "s3").write_bytes(b"w" * 100_000)
+        written = time.monotonic()
+    assert written >= state["resumed"]  # it really waited for the store
+    assert folder.child("model.safetensors").read_bytes() == b"w" * 100_000
+
+
+def test_a_store_that_does_not_answer_fails_the_check_in_one_line_within_seconds(bucket):
+    """Before a run starts, check_reachable uses a short-timeout client: a hung store ends the
+    command in one line after ~8 s, not after the ~3 minutes a running job waits."""
+    with _store_paused(120):
+        t0 = time.monotonic()
+        with pytest.raises(UserError, match=r"cannot be reached \(.*\); check the AWS_\* environment") as err:
+            locate(f"{bucket}/runs").check_reachable()
+        took = time.monotonic() - t0
+    assert "\n" not in str(err.value)
+    assert took < 60, took  # 2 x 4 s here; the run-time client would still be waiting (3 x 60 s)

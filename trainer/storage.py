@@ -42,12 +42,29 @@ def _local_fs() -> pafs.FileSystem:
     return pafs.LocalFileSystem()
 
 
+# A request whose transfer stalls (no byte for this long) is abandoned, then retried: the AWS SDK's
+# 3 attempts. pyarrow's default is the SDK's 3 s, with which a checkpoint upload failed 11 s into a
+# store that had paused (moto SIGSTOPped: 3 attempts x 3 s); at 60 s (boto3's read timeout) the same
+# upload finished the moment the store came back, 20 s later. So a store away for up to ~3 minutes
+# is waited out; longer, and the run fails in one line and resumes from its last complete checkpoint.
+# Ray Train gets this filesystem pickled: the timeout survives pickling (a retry_strategy does not,
+# pyarrow 25), so its own checkpoint uploads wait the same way.
+S3_REQUEST_TIMEOUT_S = 60.0
+# check_reachable asks "is the store there?" before anything starts, and must answer in seconds:
+# 2 attempts of 4 s (a paused store: one line after ~8 s).
+S3_CHECK_TIMEOUT_S, S3_CHECK_ATTEMPTS = 4.0, 2
+
+
 @functools.lru_cache(maxsize=8)
-def _s3_fs(endpoint: str | None, region: str | None) -> pafs.FileSystem:
+def _s3_fs(endpoint: str | None, region: str | None, quick: bool = False) -> pafs.FileSystem:
     """S3 from the environment. The endpoint is passed explicitly because older pyarrow releases
     ignore AWS_ENDPOINT_URL(_S3); keys stay with the AWS SDK's own environment lookup, so they are
-    never part of the filesystem object that Ray serialises to its workers."""
-    kwargs: dict[str, Any] = {}
+    never part of the filesystem object that Ray serialises to its workers. `quick`: the
+    short-timeout client check_reachable uses (never handed to Ray)."""
+    kwargs: dict[str, Any] = {"request_timeout": S3_REQUEST_TIMEOUT_S}
+    if quick:
+        kwargs["request_timeout"] = S3_CHECK_TIMEOUT_S
+        kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=S3_CHECK_ATTEMPTS)
     if endpoint:
         kwargs["endpoint_override"] = endpoint
     if region:
@@ -55,10 +72,10 @@ def _s3_fs(endpoint: str | None, region: str | None) -> pafs.FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def _s3_from_env() -> pafs.FileSystem:
+def _s3_from_env(quick: bool = False) -> pafs.FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None
-    return _s3_fs(endpoint, region)
+    return _s3_fs(endpoint, region, quick)
 
 
 def is_uri(spec: str | os.PathLike) -> bool:
@@ -191,7 +208,8 @@ class Location:
         object store) its bucket is missing: one request, instead of a Ray error deep in a run."""
         if self.is_local:
             return
-        bucket = Location(self.fs, self.path.split("/", 1)[0], self.scheme)
+        fs = _s3_from_env(quick=True) if self.scheme == "s3" else self.fs
+        bucket = Location(fs, self.path.split("/", 1)[0], self.scheme)
         try:
             kind = bucket.info().type
         except OSError as err:
