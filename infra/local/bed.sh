@@ -173,7 +173,9 @@ start_init() {  # $1 node
   pid="$("${LIB[@]}" child-of "$upid")" || die "node $node: its PID namespace did not start (see $LOGS/$node.init.log)"
   echo "$pid" > "$RUN/$node.pid"
   local i
-  for i in $(seq 100); do init_alive "$node" && return 0; sleep 0.1; done
+  # up to 60 s: the init is a Python process, and 10 s was too short once with the 2-core machine
+  # at load average 5 (a second test run alongside); alone it answers within a second
+  for i in $(seq 600); do init_alive "$node" && return 0; sleep 0.1; done
   die "node $node: init did not start (see $LOGS/$node.init.log)"
 }
 
