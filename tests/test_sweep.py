@@ -330,7 +330,7 @@ def test_ci_grid_2x2x2_runs_two_at_a_time_and_summarises_in_mlflow(tmp_path, sha
         [(10, 5.0, 2), (10, 10.0, 2), (50, 5.0, 2), (50, 10.0, 2)]
 
 
-def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, shared_ray):
     """Kill the driver (and its Ray) once a short trial has finished and a long one has checkpoints;
     the same command then resumes: the finished trial is not rerun, the other resumes from its last
     checkpoint, the parent run is reused, and every metric step is in MLflow exactly once."""
@@ -364,7 +364,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     short_ledger_before = (sweep_dir / "trials" / f"{short}.json").read_text()
     time.sleep(3)
 
-    out = run_linrep(["sweep", str(spec)], cwd=tmp_path, timeout=900)
+    # the rerun joins the session's Ray (conftest.shared_ray) instead of starting its own (3-14 s on 2
+    # cores, by load): it resumes from the sweep folder and the MLflow store; only the killed driver owned its Ray
+    out = run_linrep(["sweep", str(spec)], cwd=tmp_path, env=shared_ray, timeout=900)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "resuming resume" in out.stderr
     assert json.loads((sweep_dir / STATE_FILE).read_text())["parent_run_id"] == parent_before
