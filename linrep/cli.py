@@ -4,6 +4,7 @@
     linrep probe RUN_ID | probe imagenetx ...      re-probe a run's checkpoints / ImageNet-X probe
     linrep sweep SPEC [key=value ...]              Ray Tune sweep over copies of a base config
     linrep reproduce synthetic [--quick] [--plan] the paper's synthetic ablations
+    linrep reproduce dislib [--root DIR] [--quick] the paper's DisLib table (MLP, CNN, pixels)
     linrep reproduce imagenetx --shards DIR ...    the paper's ImageNet-X figure 3
     linrep data dsprites|convert|imagenet ...      write WebDataset shards + manifest
     linrep submit -- COMMAND ... / linrep jobs     Ray Jobs on a cluster
@@ -215,15 +216,25 @@ def cmd_sweep(args) -> int:
 
 def cmd_reproduce(args) -> int:
     if args.arm == "imagenetx":
+        if args.root is not None or args.set is not None:
+            raise UserError(f"{'--root' if args.root is not None else '--set'}: only for `linrep reproduce dislib`"
+                            " (imagenetx takes --shards)")
         from tune.reproduce_imagenetx import reproduce_imagenetx_cli
 
         return reproduce_imagenetx_cli(args)
     misplaced = [f"--{name.replace('_', '-')}" for name in IMAGENETX_ONLY if getattr(args, name, None) not in (None, False)]
     if misplaced:
         raise UserError(f"{', '.join(misplaced)}: only for `linrep reproduce imagenetx`, not `reproduce {args.arm}`")
+    _quiet_ray()
+    if args.arm == "dislib":
+        from tune.reproduce_dislib import reproduce_dislib_cli
+
+        return reproduce_dislib_cli(args)
+    for flag, value in (("--root", args.root), ("--set", args.set)):
+        if value is not None:
+            raise UserError(f"{flag}: only for `linrep reproduce dislib`, not `reproduce {args.arm}`")
     from tune.reproduce import reproduce_cli
 
-    _quiet_ray()
     return reproduce_cli(args)
 
 
@@ -298,12 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--storage", default=None, help="where sweep folders live: a local folder or a URI such as s3://bucket/linrep/sweeps (default: <run.storage or $LINREP_STORAGE>/sweeps)")
     sw.set_defaults(func=cmd_sweep)
 
-    rp = sub.add_parser("reproduce", help="the paper's ablations")
-    rp.add_argument("arm", choices=["synthetic", "imagenetx"], help="synthetic ablations, or ImageNet-X (figure 3)")
+    rp = sub.add_parser("reproduce", help="the paper's experiments: synthetic ablations, DisLib table, ImageNet-X")
+    rp.add_argument("arm", choices=["synthetic", "dislib", "imagenetx"],
+                    help="synthetic ablations, the DisLib table (section 4.2), or ImageNet-X (figure 3)")
     rp.add_argument("--quick", action="store_true", help="the CI-sized grid")
     rp.add_argument("--budget", type=float, default=1.0, help="scale the step budget (e.g. 10 on a cluster)")
-    rp.add_argument("--seeds", type=int, default=None)
-    rp.add_argument("--plan", action="store_true", help="print every trial (arm, row, overrides, steps) and run nothing")
+    rp.add_argument("--seeds", type=int, default=None,
+                    help="seeds per setting (default: synthetic 5, dislib 3, imagenetx 10; --quick fewer)")
+    rp.add_argument("--plan", action="store_true", help="print every trial (arm or dataset, model, overrides, steps) and run nothing")
+    rp.add_argument("--root", default=None,
+                    help="dislib: folder with one shards folder per dataset (dsprites, shapes3d, mpi3d, cars3d, "
+                         "smallnorb; dSprites rendered there when missing). Default ./data")
+    rp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="dislib, repeatable: a config override for every trial, e.g. run.use_gpu=true")
     rp.add_argument("--address", default=None)
     rp.add_argument("--storage", default=None, help="where sweep folders live: a local folder or a URI such as s3://bucket/linrep/sweeps (default: <run.storage or $LINREP_STORAGE>/sweeps)")
     from tune.reproduce_imagenetx import add_imagenetx_arguments  # argparse only: no torch at --help

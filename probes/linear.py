@@ -81,3 +81,74 @@ def singular_value_mae(weight: Tensor, *, scale: float | None = None) -> float:
     if scale is None:
         return float((s / s.mean().clamp(min=1e-12) - 1).abs().mean())
     return float((s - scale).abs().mean())
+
+
+class StreamedLeastSquares:
+    """Least squares y ≈ x W + b over a stream of batches, without holding x: float64 sums of x, y,
+    x^T x, x^T y and y² (each taken about a shift, the first batch's means, which keeps the centring
+    well conditioned), solved once by `fit` with fit_linear's normal equations, ridge and fallback.
+    Memory: p x p + p x k, whatever the number of rows (a whole training split)."""
+
+    def __init__(self, device=None):
+        self.device = device
+        self.n = 0
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        x = x.to(self.device, torch.float64).flatten(1)
+        y = y.to(self.device, torch.float64).reshape(len(y), -1)
+        if len(x) == 0:
+            return
+        if self.n == 0:
+            self.x0, self.y0 = x.mean(0), y.mean(0)
+            p, k = x.shape[1], y.shape[1]
+            z = dict(dtype=torch.float64, device=x.device)
+            self.sx, self.sy, self.syy = torch.zeros(p, **z), torch.zeros(k, **z), torch.zeros(k, **z)
+            self.xx, self.xy = torch.zeros(p, p, **z), torch.zeros(p, k, **z)
+        xc, yc = x - self.x0, y - self.y0
+        self.sx += xc.sum(0)
+        self.sy += yc.sum(0)
+        self.syy += yc.pow(2).sum(0)
+        self.xx += xc.T @ xc
+        self.xy += xc.T @ yc
+        self.n += len(x)
+
+    def _check(self) -> None:
+        if self.n < 2:
+            raise ValueError(f"streamed least squares needs >= 2 rows, got {self.n}")
+
+    def x_std(self) -> Tensor:
+        """Sample std (ddof=1) of each column of x."""
+        self._check()
+        return ((self.xx.diagonal() - self.sx.pow(2) / self.n) / (self.n - 1)).clamp(min=0).sqrt()
+
+    def y_mean(self) -> Tensor:
+        self._check()
+        return self.y0 + self.sy / self.n
+
+    def y_std(self) -> Tensor:
+        """Sample std (ddof=1) of each column of y."""
+        self._check()
+        return ((self.syy - self.sy.pow(2) / self.n) / (self.n - 1)).clamp(min=0).sqrt()
+
+    def fit(self, live: Tensor | None = None, *, ridge: float = 1e-10) -> LinearFit:
+        """The intercept fit over every row added; columns outside `live` (bool [p]) get weight 0."""
+        self._check()
+        mx, my = self.sx / self.n, self.sy / self.n                 # means about the shift
+        gram = self.xx - self.n * torch.outer(mx, mx)               # centred x^T x
+        rhs = self.xy - self.n * torch.outer(mx, my)                # centred x^T y
+        if live is not None:
+            live = live.to(gram.device)
+            gram, rhs = gram[live][:, live], rhs[live]
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        chol, info = torch.linalg.cholesky_ex(gram + ridge * gram.diagonal().mean().clamp(min=1e-12) * eye)
+        if int(info) == 0:
+            w = torch.cholesky_solve(rhs, chol)
+        else:  # rank-deficient features: the minimum-norm solution of the normal equations
+            w = torch.linalg.lstsq(gram.cpu(), rhs.cpu(), driver="gelsd").solution.to(gram.device)
+        weight = torch.zeros(self.xx.shape[0], rhs.shape[1], dtype=w.dtype, device=w.device)
+        if live is None:
+            weight = w
+        else:
+            weight[live] = w
+        bias = (self.y0 + my) - (self.x0 + mx) @ weight
+        return LinearFit(weight, bias)

@@ -349,6 +349,18 @@ GROUPS: dict[str, dict[str, Builder]] = {
         "reproduce budget negative": static(["reproduce", "synthetic", "--budget", "-1"], "--budget"),
         "reproduce budget not a number": static(["reproduce", "synthetic", "--budget", "lots"], "--budget"),
         "reproduce seeds zero": static(["reproduce", "synthetic", "--seeds", "0"], "--seeds"),
+        "reproduce dislib seeds zero": static(["reproduce", "dislib", "--seeds", "0"], "--seeds"),
+        "reproduce dislib root a file": lambda t: ((t / "root").write_text("x"),
+                                                   (["reproduce", "dislib", "--root", str(t / "root")], "--root"))[1],
+        "reproduce dislib root not creatable": lambda t: ((t / "file").write_text("x"), (
+            ["reproduce", "dislib", "--root", str(t / "file" / "root")], "cannot be created"))[1],
+        "reproduce dislib wrong dataset": lambda t: ((t / "root" / "mpi3d").mkdir(parents=True), (
+            t / "root" / "mpi3d" / "manifest.json").write_text('{"dataset": "cars3d"}'),
+            (["reproduce", "dislib", "--root", str(t / "root")], "manifest.json"))[2],
+        "reproduce root outside dislib": static(["reproduce", "synthetic", "--root", "data"], "--root"),
+        "reproduce set outside dislib": static(["reproduce", "synthetic", "--set", "run.workers=2"], "--set"),
+        "reproduce dislib set reserved": static(["reproduce", "dislib", "--set", "run.seed=1"], "run.seed"),
+        "reproduce dislib root not writable": static(["reproduce", "dislib", "--root", "/proc/linrep-x"], "--root"),
         "bench unknown": static(["bench", "nosuch"], "nosuch"),
         "bench out unwritable": static(["bench", "identifiability", "--out", "/proc/linrep-x"], "--out"),
         "bench out a file": with_file("f.txt", "x", lambda t: ["bench", "identifiability", "--out", str(t / "f.txt")],

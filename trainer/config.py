@@ -299,10 +299,17 @@ class ProbeConfig(_Section):
     """Probe each checkpoint with a probe actor while training goes on."""
     samples: int = Field(8192, ge=16)
     """Synthetic: held-out DGP samples (split in halves: fit / score)."""
-    max_train_samples: int = Field(20000, ge=10)
-    """Image datasets: training-split samples used to fit decoders."""
-    max_eval_samples: int = Field(10000, ge=10)
-    """Image datasets: validation-split samples used to score decoders."""
+    max_train_samples: int = Field(20000, ge=0)
+    """Image datasets: training-split samples used to fit decoders (>= 10). 0 = the whole training
+    split, fitted by streamed normal equations (X^T X and X^T y accumulated batch by batch in float64,
+    solved once: memory p x p, not n x p), as `linrep reproduce dislib` does; the raw-pixel baseline
+    is fitted the same way on the same split."""
+    max_eval_samples: int = Field(10000, ge=0)
+    """Image datasets: samples of the scoring split (probe.score_split) and of the validation split
+    (val/acc) used to score decoders (>= 10); 0 = the whole split."""
+    score_split: Literal["val", "test"] = "val"
+    """Image datasets: the split the factor decoders are scored on (val/acc, and with it run.stop_at,
+    always comes from the validation split). `linrep reproduce dislib` scores on test."""
     actor_cpus: float = Field(0.0, ge=0)
     """CPUs reserved by the probe actor (0 = shares the workers' CPUs)."""
     actor_gpus: float = Field(0.0, ge=0)
@@ -414,6 +421,9 @@ class Config(_Section):
             raise ConfigError("optim.precision=bf16 needs run.use_gpu=true (CPU training runs fp32)")
         if o.grad_accum > 1 and o.engine != "deepspeed":
             raise ConfigError("optim.grad_accum > 1 needs optim.engine=deepspeed")
+        for key in ("max_train_samples", "max_eval_samples"):
+            if 0 < getattr(self.probe, key) < 10:
+                raise ConfigError(f"probe.{key}={getattr(self.probe, key)}: must be >= 10, or 0 for the whole split")
         if r.stop_at and not self.probe.enabled:
             raise ConfigError(f"run.stop_at={r.stop_at} needs probe.enabled=true (the probe actor computes the figures)")
         bad = [k for k in r.stop_at if not k.startswith(("probe/", "val/"))]

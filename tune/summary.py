@@ -336,5 +336,6 @@ def publish_summary(plan: SweepPlan, uri: str, parent_run_id: str, *, out: Calla
             if isinstance(best.get(f"{f}_mean"), float) and not math.isnan(best[f"{f}_mean"])})
     out("\n" + to_markdown(summary))
     for name, text in extra.items():
-        out(text)
+        if name.endswith(".md"):  # markdown tables to the console; other files (CSV) only to disk and MLflow
+            out(text)
     return summary, paths

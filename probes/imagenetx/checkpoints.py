@@ -49,7 +49,7 @@ def checkpoint_probe(model, cfg, state: dict) -> dict[str, float]:
         state["imagenetx_annotations"] = load_imagenetx_annotations()
     manifest, annotations = state["manifest"], state["imagenetx_annotations"]
     labels = create_label_scheme(cfg.data, manifest, cfg.data_seed)
-    val = collect_val(model, cfg, manifest, set(annotations["key"]), labels, cfg.probe.max_eval_samples)
+    val = collect_val(model, cfg, manifest, set(annotations["key"]), labels, cfg.probe.max_eval_samples or None)
     figures = accuracy_figures(val["top1"], val["top5"], labels.num_classes)
     figures[f"{METRIC_PREFIX}/found_images"] = float(len(val["keys"]))
     if len(val["keys"]) < MIN_FOUND:
