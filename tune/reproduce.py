@@ -34,7 +34,7 @@ from typing import Any
 from trainer.config import ConfigError
 from trainer.errors import UserError
 from tune.spec import SweepPlan, Trial, sweep_root, trial_config
-from tune.summary import Summary, pm
+from tune.summary import Summary, markdown_table, pm, trial_table
 
 ARMS = {"supervised": "synthetic-supervised", "diet-unit": "synthetic-diet", "diet-free": "synthetic-diet-c4"}
 ARM_TITLES = {"supervised": "Supervised", "diet-unit": "DIET unit-norm W (C3)", "diet-free": "DIET free W (C4)"}
@@ -178,14 +178,11 @@ PLAN_FIXED = {"optim.steps", "run.seed", "optim.warmup_steps", "run.checkpoint_e
 
 def plan_table(plan: SweepPlan) -> str:
     """`--plan`: one line per trial (arm, row, seed, preset, the row's overrides, steps); runs nothing."""
-    head = ["trial", "arm", "row", "seed", "preset", "overrides", "steps"]
     lines = [f"### {plan.name}: {len(plan.trials)} trials, {sum(t.overrides['optim.steps'] for t in plan.trials):,} "
-             "steps in all", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for t in plan.trials:
-        changes = " ".join(f"{k}={v}" for k, v in t.overrides.items() if k not in PLAN_FIXED) or "(none)"
-        cells = [t.key, ARM_TITLES[t.values["arm"]], t.values["setting"], str(t.seed), t.base, changes,
-                 str(t.overrides["optim.steps"])]
-        lines.append("| " + " | ".join(cells) + " |")
+             "steps in all", ""]
+    lines += trial_table(plan, ["trial", "arm", "row", "seed", "preset"],
+                         lambda t: [t.key, ARM_TITLES[t.values["arm"]], t.values["setting"], str(t.seed), t.base],
+                         PLAN_FIXED)
     return "\n".join(lines) + "\n"
 
 
@@ -213,15 +210,16 @@ def paper_table(summary: Summary) -> str:
     labels = ROWS_IN_ORDER + [r["setting"] for r in summary.rows if r["setting"] not in ROWS_IN_ORDER]
     rows = [label for label in dict.fromkeys(labels) if any((a, label) in by for a in arms)]
     head = ["setting"] + [f"{ARM_TITLES[a]} {title}" for a in arms for title, _ in COLUMNS]
-    lines = [f"### {summary.plan.name}: identifiability, mean ± std over seeds", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for label in rows:
-        cells = [label if label != "default" else "default (N=10^3, d=5, |C|=100, κ=10, uniform, vMF)"]
+
+    def cells(label: str) -> list[str]:
+        out = [label if label != "default" else "default (N=10^3, d=5, |C|=100, κ=10, uniform, vMF)"]
         for arm in arms:
             r = by.get((arm, label))
-            cells += [_cell(r, column_metric(r, col)) if r else "–" for _, col in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", _footnote(summary), PAPER_FIGURES]
+            out += [_cell(r, column_metric(r, col)) if r else "–" for _, col in COLUMNS]
+        return out
+
+    lines = [f"### {summary.plan.name}: identifiability, mean ± std over seeds", "",
+             *markdown_table(head, [cells(label) for label in rows]), "", _footnote(summary), PAPER_FIGURES]
     return "\n".join(lines) + "\n"
 
 

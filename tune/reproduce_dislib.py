@@ -43,7 +43,7 @@ from typing import Any
 from trainer.config import ConfigError, list_presets
 from trainer.errors import UserError
 from tune.spec import SweepPlan, Trial, sweep_root, trial_config
-from tune.summary import Summary, mean_std, pm
+from tune.summary import Summary, markdown_table, mean_std, pm, trial_table
 
 DATASETS = ("dsprites", "shapes3d", "mpi3d", "cars3d", "smallnorb")   # the paper's table order
 DATASET_TITLES = {"dsprites": "dSprites", "shapes3d": "3dshapes", "mpi3d": "MPI3D", "cars3d": "Cars3D",
@@ -232,7 +232,6 @@ PLAN_FIXED = {"optim.steps", "run.seed", "data.root", "tracking.experiment", *PR
 
 def plan_table(plan: SweepPlan, datasets: list[Dataset]) -> str:
     """`--plan`: one line per trial (dataset, model, seed, preset, overrides, steps); runs nothing."""
-    head = ["trial", "dataset", "model", "seed", "preset", "overrides", "steps"]
     lines = [f"### {plan.name}: {len(plan.trials)} trials, {sum(t.overrides['optim.steps'] for t in plan.trials):,} "
              "steps in all (each stops early once val/acc > 0.999)", ""]
     for ds in datasets:
@@ -240,13 +239,10 @@ def plan_table(plan: SweepPlan, datasets: list[Dataset]) -> str:
                  if ds.generate else "shards found")
         lines.append(f"- {ds.name}: {ds.root} ({state})")
     lines += ["- decoders: fitted on the whole training split (streamed), scored on the whole test split; "
-              "raw pixels on the same splits", "",
-              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for t in plan.trials:
-        changes = " ".join(f"{k}={v}" for k, v in t.overrides.items() if k not in PLAN_FIXED) or "(none)"
-        cells = [t.key, t.values["dataset"], MODEL_TITLES[t.values["model"]], str(t.seed), t.base, changes,
-                 str(t.overrides["optim.steps"])]
-        lines.append("| " + " | ".join(cells) + " |")
+              "raw pixels on the same splits", ""]
+    lines += trial_table(plan, ["trial", "dataset", "model", "seed", "preset"],
+                         lambda t: [t.key, t.values["dataset"], MODEL_TITLES[t.values["model"]], str(t.seed), t.base],
+                         PLAN_FIXED)
     return "\n".join(lines) + "\n"
 
 
@@ -306,14 +302,11 @@ def table_rows(summary: Summary, factors: dict[str, list[tuple[str, str]]]) -> l
 
 def table_markdown(summary: Summary, rows: list[TableRow]) -> str:
     head = ["dataset", "factor", "kind", "MLP r", "CNN r", "pixels r"]
+    body = [[DATASET_TITLES.get(r.dataset, r.dataset), r.factor, r.kind,
+             *(pm(r.cells[c][0], r.cells[c][1], 3) for c in (*MODELS, PIXELS))] for r in rows]
     lines = [f"### {summary.plan.name}: Pearson r of linear decoders (fitted on the whole training split, "
-             "scored on the test split), mean ± std over seeds", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for r in rows:
-        cells = [DATASET_TITLES.get(r.dataset, r.dataset), r.factor, r.kind]
-        cells += [pm(r.cells[c][0], r.cells[c][1], 3) for c in (*MODELS, PIXELS)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", _footnote(summary)]
+             "scored on the test split), mean ± std over seeds", "", *markdown_table(head, body), "",
+             _footnote(summary)]
     return "\n".join(lines) + "\n"
 
 

@@ -137,15 +137,32 @@ def pm(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def markdown_table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, one line per row."""
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|",
+            *("| " + " | ".join(str(c) for c in cells) + " |" for cells in rows)]
+
+
+def trial_table(plan: SweepPlan, head: list[str], cells: Callable[[Trial], list[str]], fixed: set[str]) -> list[str]:
+    """`--plan` of a reproduce sweep: one line per trial; `cells` gives the columns before the
+    overrides (those outside `fixed`) and the steps, which close every line."""
+    def changes(t: Trial) -> str:
+        return " ".join(f"{k}={v}" for k, v in t.overrides.items() if k not in fixed) or "(none)"
+
+    return markdown_table([*head, "overrides", "steps"],
+                          [[*cells(t), changes(t), str(t.overrides["optim.steps"])] for t in plan.trials])
+
+
 def to_markdown(summary: Summary) -> str:
     figs = summary.figures
     head = ["configuration", "n"] + [f.split("/", 1)[-1] for f in figs]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for row in summary.rows:
+
+    def cells(row: dict[str, Any]) -> list[Any]:
         n = f"{row['n']}" + (f" (+{row['stopped']} stopped)" if row["stopped"] else "") + (
             f" (+{row['failed']} failed)" if row["failed"] else "")
-        cells = [row["configuration"], n] + [pm(row[f"{f}_mean"], row[f"{f}_std"]) for f in figs]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        return [row["configuration"], n] + [pm(row[f"{f}_mean"], row[f"{f}_std"]) for f in figs]
+
+    lines = markdown_table(head, [cells(row) for row in summary.rows])
     best = summary.best()
     if best:
         lines.append("")
