@@ -13,8 +13,8 @@ from trainer import model_logging, tracking
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import Config
 from trainer.errors import RuntimeFault, UserError
-from trainer.run import (RunHandle, check_cluster, check_files_and_store, check_ray_address, fit, init_ray, resume_hint,
-                         prepare_run)
+from trainer.run import (RunHandle, check_cluster, check_files_and_store, check_ray_address, fit, fit_in_process,
+                         init_ray, resume_hint, prepare_run)
 from trainer.storage import Location, locate
 
 RUN_DIR_TAG = "linrep.run_dir"
@@ -41,8 +41,11 @@ def train_and_probe(cfg: Config, *, address: str | None = None, parent_run_id: s
     return fit_and_probe(handle)
 
 
-def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcome:
-    """fit() with a probe actor beside it; ends the MLflow run FINISHED or FAILED."""
+def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_process: dict | None = None) -> Outcome:
+    """fit() with a probe actor beside it; ends the MLflow run FINISHED or FAILED.
+
+    in_process: train in this process instead (trainer.run.fit_in_process; its on_report and stop
+    keywords), as a sweep's one-worker trial does."""
     import ray
 
     cfg = handle.cfg
@@ -58,7 +61,8 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None) -> Outcom
         queue_unprobed(handle, actor)
     status = "FAILED"
     try:
-        result = fit(handle, probe_actor=actor, callbacks=callbacks)
+        result = (fit_in_process(handle, probe_actor=actor, **in_process) if in_process is not None
+                  else fit(handle, probe_actor=actor, callbacks=callbacks))
         if result.error:
             cause = root_cause(result.error)
             raise RuntimeFault(f"training run {handle.run_key} failed: {cause}{resume_hint(handle.run_dir, cause)}")

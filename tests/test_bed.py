@@ -532,8 +532,9 @@ def test_a_sweep_submitted_from_the_client_keeps_its_folder_in_s3(bed):
 @pytest.mark.slow
 def test_reproduce_submitted_from_the_client_runs_its_plan_on_the_workers_and_keeps_its_tables_in_s3(bed):
     """Issue 13, item 5: `linrep submit reproduce synthetic --quick --budget 0.1`: the quick plan's
-    three trials at the 20-step floor, one Ray Train worker each, two at a time (one per worker
-    node), the sweep folder with the paper's table in s3://linrep/sweeps."""
+    three trials at the 20-step floor, each trained in its own trial process (one CPU worker:
+    tune/sweep.py's in-process trials), two at a time (one per worker node), the sweep folder with
+    the paper's table in s3://linrep/sweeps."""
     before = {a for _, _, a in _client_py(bed, RUN_RECORD, "-", "", timeout=120)["actors"]}
     t0 = time.monotonic()
     out = _linrep(bed, "submit", "reproduce", "synthetic", "--quick", "--budget", "0.1",
@@ -546,8 +547,9 @@ def test_reproduce_submitted_from_the_client_runs_its_plan_on_the_workers_and_ke
     assert not list((bed.state_dir / "shared").glob("ray_results/sweeps/reproduce*"))  # nothing on /srv
     cfg = bed.config()
     actors = [(c, ip) for c, ip, a in _client_py(bed, RUN_RECORD, "-", "", timeout=120)["actors"] if a not in before]
-    workers = {ip for c, ip in actors if c == "RayTrainWorker"}
-    assert workers == {cfg["w1"], cfg["w2"]}, actors  # both worker nodes took trials
+    trials = {ip for c, ip in actors if c.endswith("LinrepTrial")}
+    assert trials == {cfg["w1"], cfg["w2"]}, actors  # both worker nodes took trials (the head has no CPU)
+    assert not any(c == "RayTrainWorker" for c, _ in actors), actors  # trained in the trial processes
 
 
 UPLOAD = r"""

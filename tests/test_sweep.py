@@ -394,13 +394,16 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, shared
 
 
 @pytest.mark.slow
-def test_asha_stops_bad_trials_early_and_frees_their_cpus(tmp_path, shared_ray):
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "ray-train"])
+def test_asha_stops_bad_trials_early_and_frees_their_cpus(tmp_path, shared_ray, in_process):
     """ASHA on a probe metric: the two tiny learning rates are stopped at the first rung; their
-    Ray Train runs are aborted (CPUs freed for the next trial), their child runs marked KILLED."""
+    runs end (in-process: at the stopped report, the kept trial process takes the next trial; Ray
+    Train: the controller aborted), their CPUs are freed for the next trial, their child runs KILLED."""
     from trainer.checkpoint import list_checkpoints, read_meta
 
     spec = write_spec(tmp_path / "asha.yaml", name="asha", space={"optim.lr": [0.01, 0.003, 1e-7, 2e-7]},
-                      scheduler={"asha": {"grace_period": 200, "reduction_factor": 2}}, max_concurrent=2)
+                      scheduler={"asha": {"grace_period": 200, "reduction_factor": 2}}, max_concurrent=2,
+                      resources={"workers": 1, "cpus_per_worker": 1, "in_process": in_process})
     raw = yaml.safe_load(spec.read_text())
     # long enough that the stop lands mid-run: a trial now trains ~1,000 steps in ~15 s, and ASHA
     # sees a probe one checkpoint late and the abort takes a few seconds more

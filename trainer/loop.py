@@ -5,21 +5,27 @@ plain data, builds data source, model and engine (`build_worker`, also used by t
 plain loops), restores the latest checkpoint if Ray hands one
 over, and runs `train`, which calls `train_step` and, every run.checkpoint_every steps, saves a
 self-describing checkpoint, reports it to Ray Train and hands its path to the probe actor.
+
+The same `run_worker` also runs in the calling process (`InProcessSession`): a sweep's trial of
+one CPU worker trains inside its Tune trial process instead of starting a Ray Train controller and
+worker group for seconds of steps (tune/sweep.py). The session is the only difference: who
+persists a checkpoint into the run folder and where the reported metrics go.
 """
 
 from __future__ import annotations
 
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from trainer.checkpoint import is_complete, list_checkpoints, make_meta, prune_checkpoints, read_meta, write_checkpoint
+from trainer.checkpoint import META_FILE, is_complete, list_checkpoints, make_meta, prune_checkpoints, read_meta, write_checkpoint
 from trainer.config import Config, from_dict
 from trainer.data.sources import TrainData, create_train_data
 from trainer.engine import rank0_decides, setup_engine
@@ -40,6 +46,79 @@ class LoopContext:
     extra: dict = field(default_factory=dict)
 
 
+class RayTrainSession:
+    """A Ray Train worker's session: its rank, Ray persisting each reported checkpoint into the run
+    folder (storage/name/checkpoint_dir_name), and the checkpoint Ray hands over on a restart."""
+
+    def __init__(self):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+
+    def report(self, metrics: dict[str, float], checkpoint: Path | None, dir_name: str) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None,
+                         checkpoint_dir_name=dir_name)
+
+    def fallback_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def stopping(self) -> bool:
+        return False  # Ray Train stops its workers itself (controller abort)
+
+
+class StopRequested(Exception):
+    """Raised in the training loop when the process hosting an in-process run asked it to stop."""
+
+
+class InProcessSession:
+    """One worker training in the calling process (no Ray Train): the session persists each
+    checkpoint into the run folder itself, every file first and meta.json last (so a folder cut
+    short is never taken as complete), and hands each report's metrics to `on_report`.
+
+    stop: set by another thread (a Tune trial being stopped); the loop ends at its next step."""
+
+    rank, world = 0, 1
+
+    def __init__(self, run_dir: str, on_report: Callable[[dict], None] | None = None,
+                 stop: threading.Event | None = None):
+        self.run_dir = locate(run_dir)
+        self.on_report = on_report
+        self.stop = stop or threading.Event()
+        self.last_metrics: dict[str, float] = {}
+        self.last_checkpoint: str | None = None
+
+    def report(self, metrics: dict[str, float], checkpoint: Path | None, dir_name: str) -> None:
+        if checkpoint is not None:
+            target = self.run_dir / dir_name
+            persist_checkpoint(Path(checkpoint), target)
+            self.last_checkpoint = str(target)
+        self.last_metrics = dict(metrics)
+        if self.on_report:
+            self.on_report(dict(metrics))
+
+    def fallback_checkpoint(self):
+        return None
+
+    def stopping(self) -> bool:
+        return self.stop.is_set()
+
+
+def persist_checkpoint(local: Path, target: Location) -> None:
+    """Move a checkpoint written in the scratch folder `local` into `target` (a folder or URI): a
+    leftover of a crash at the same step is replaced, and meta.json goes last, so a copy cut short
+    is never taken as complete (checkpoint.is_complete). `local` loses its meta.json."""
+    meta = (local / META_FILE).read_bytes()
+    (local / META_FILE).unlink()
+    target.delete_dir()
+    target.upload(local)
+    target.child(META_FILE).write_bytes(meta)
+
+
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
@@ -55,22 +134,21 @@ def train_step(engine, x: torch.Tensor, y: torch.Tensor, label_smoothing: float)
     return loss.detach(), acc
 
 
-def restore(engine, run_dir: str | Path | Location) -> int:
+def restore(engine, run_dir: str | Path | Location, session: Any = None) -> int:
     """Load the newest complete checkpoint; return its step (0 for a fresh run).
 
     The run folder (local or a URI) is scanned first: a driver killed right after a checkpoint
     was persisted may not have recorded it in Ray's snapshot, and an incomplete folder (crash
     mid-save, or a pruned one) is never taken. A remote checkpoint is downloaded to a local
-    temporary folder and loaded from there. Ray's own latest checkpoint is the fallback.
+    temporary folder and loaded from there. The session's checkpoint (Ray's own latest) is the
+    fallback.
     """
-    import ray.train
-
     complete = list_checkpoints(locate(run_dir))
     if complete:
         with complete[-1].local_copy() as local:
             engine.load(local)
             return read_meta(local)["step"]
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.fallback_checkpoint() if session is not None else None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if is_complete(Path(d)):
@@ -80,23 +158,20 @@ def restore(engine, run_dir: str | Path | Location) -> int:
 
 
 def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: dict[str, float],
-                    ctx: LoopContext, rank: int, logger: MetricLogger | None) -> None:
+                    ctx: LoopContext, session: Any, logger: MetricLogger | None) -> None:
     """Checkpoint -> flush metrics -> report (a barrier on every rank) -> hand the path to the probe.
 
     The reported metrics carry the latest probe figures available (from an earlier checkpoint,
     with `probe_step`), so schedulers such as ASHA can rank trials by them.
     """
-    import ray.train
-
+    rank = session.rank
     with tempfile.TemporaryDirectory(prefix="linrep-ckpt-") as tmp:
         meta = make_meta(step, step * cfg.optim.batch_size, data.num_outputs, data.spec)
         write_checkpoint(engine, cfg, meta, Path(tmp))
         if logger:
             logger.flush()  # before report: a resumed run then skips exactly what is already stored
         has_files = any(Path(tmp).iterdir())
-        ray.train.report({**metrics, "step": step},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None,
-                         checkpoint_dir_name=checkpoint_dir_name(step))
+        session.report({**metrics, "step": step}, Path(tmp) if has_files else None, checkpoint_dir_name(step))
     nth = step // cfg.run.checkpoint_every
     if rank == 0 and ctx.probe_actor is not None and (nth % cfg.probe.every == 0 or step == cfg.optim.steps):
         ctx.probe_actor.probe.remote(str(locate(ctx.run_dir) / checkpoint_dir_name(step)), step)
@@ -160,9 +235,9 @@ def stop_reached(stop_at: dict[str, float], figures: dict[str, float]) -> str:
     return ", ".join(f"{k} {figures[k]:.4g} >= {v:g}" for k, v in stop_at.items())
 
 
-def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContext, rank: int,
+def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContext, session: Any,
           logger: MetricLogger | None) -> None:
-    run, optim = cfg.run, cfg.optim
+    run, optim, rank = cfg.run, cfg.optim, session.rank
     progress = Progress(cfg, ctx.probe_actor, locate(ctx.run_dir).name) if rank == 0 else None
     engine.train()
     loss_sum = acc_sum = 0.0
@@ -173,6 +248,8 @@ def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContex
         for _ in range(optim.grad_accum):
             x, y = next(batches)
             loss, acc = train_step(engine, x, y, optim.label_smoothing)
+        if session.stopping():
+            raise StopRequested(f"stopped at step {step + 1}")
         loss_sum += float(loss)
         acc_sum += float(acc)
         n_since += 1
@@ -196,7 +273,7 @@ def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContex
             report = {"train/loss": float(loss), **{k: v for k, v in latest.items() if k.startswith("probe/")}}
             if latest:
                 report["probe_step"] = int(latest.get("step", 0))
-            save_and_report(engine, cfg, data, done, report, ctx, rank, logger)
+            save_and_report(engine, cfg, data, done, report, ctx, session, logger)
             reached = stop_reached(run.stop_at, latest) if run.stop_at else ""
             if run.stop_at and rank0_decides(bool(reached), engine.device):
                 if rank == 0:
@@ -222,21 +299,24 @@ def build_worker(cfg: Config, rank: int, world: int, device: torch.device) -> tu
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point of every Ray Train worker: build, train, close."""
-    import ray.train
-
     cfg = from_dict(loop_config["config"])
-    ctx: LoopContext = loop_config["ctx"]
-    tc = ray.train.get_context()
-    rank, world = tc.get_world_rank(), tc.get_world_size()
+    session = RayTrainSession()
     if cfg.run.use_gpu:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
+    run_worker(cfg, loop_config["ctx"], session, device)
+
+
+def run_worker(cfg: Config, ctx: LoopContext, session: Any, device: torch.device) -> None:
+    """Build, restore, train, close: one worker of a run, under a Ray Train or in-process session."""
+    rank, world = session.rank, session.world
+    if device.type == "cpu":
         torch.set_num_threads(cfg.run.threads_per_worker or max(1, round(cfg.run.cpus_per_worker)))
     data, engine = build_worker(cfg, rank, world, device)
-    start_step = restore(engine, ctx.run_dir)
+    start_step = restore(engine, ctx.run_dir, session)
     logger = None
     if rank == 0 and ctx.tracking_uri and ctx.run_id:
         # background: a hung server never stalls a step; close waits out a restart at the run's end
@@ -249,7 +329,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     system = (start_system_metrics(ctx.tracking_uri, ctx.run_id, cfg.tracking.system_metrics_s)
               if logger and cfg.tracking.system_metrics_s > 0 else None)  # CPU, memory, GPU: rank 0's node
     try:
-        train(cfg, engine, data, start_step, ctx, rank, logger)
+        train(cfg, engine, data, start_step, ctx, session, logger)
     finally:
         if system:
             system.stop()

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from trainer import cluster
 from trainer.config import Config, RunConfig
 from trainer.errors import UserError
-from trainer.loop import LoopContext, train_loop_per_worker
+from trainer.loop import InProcessSession, LoopContext, StopRequested, run_worker, train_loop_per_worker
 from trainer.storage import Location, contained, locate
 from trainer.safe_load import check_resume_checkpoint
 from trainer import progress, tracking
@@ -287,6 +287,49 @@ def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = 
     ckpt = result.checkpoint.path if result is not None and result.checkpoint else None
     metrics = dict(result.metrics or {}) if result is not None else {}
     return RunResult(handle, metrics, ckpt, error=str(err) if err else None)
+
+
+def runs_in_process(cfg: Config) -> bool:
+    """Whether this run can train in the calling process instead of a Ray Train worker group: one
+    CPU worker on the torch engine (no process group to set up; DeepSpeed wants one)."""
+    return cfg.run.workers == 1 and not cfg.run.use_gpu and cfg.optim.engine == "ddp"
+
+
+def fit_in_process(handle: RunHandle, *, probe_actor: Any = None, on_report: Any = None,
+                   stop: Any = None) -> RunResult:
+    """The run's one worker, trained in this process (`runs_in_process`): the same build -> train
+    -> checkpoint code as a Ray Train worker, without a controller and worker group to start.
+
+    A sweep trial uses it: each trial paid ~9 s of Ray Train start-up and teardown (controller,
+    worker group, placement-group cleaner) for a few seconds of steps. on_report: called with
+    each checkpoint's reported metrics; stop: a threading.Event that ends the loop (StopRequested).
+    What differs from fit(): no run.max_failures restarts inside the run (a rerun resumes from the
+    newest checkpoint, as after any failure)."""
+    import torch
+
+    cfg = handle.cfg
+    ctx = LoopContext(run_dir=str(handle.run_dir), tracking_uri=handle.tracking_uri, run_id=handle.run_id,
+                      probe_actor=probe_actor)
+    session = InProcessSession(str(handle.run_dir), on_report=on_report, stop=stop)
+    saved = {k: os.environ.get(k) for k in tracking.FAST_FAIL_ENV}
+    os.environ.update(tracking.FAST_FAIL_ENV)  # as in a Train worker: MLflow calls fail fast, the logger retries
+    error = None
+    try:
+        run_worker(cfg, ctx, session, torch.device("cpu"))
+    except (StopRequested, SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as err:  # the same one-line path as a failed Ray Train run (fit_and_probe)
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        error = f"{err.__class__.__name__}: {err}"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return RunResult(handle, session.last_metrics, session.last_checkpoint, error=error)
 
 
 # what Ray Train 2.60's fit() raises when the run fails (the workers' errors are in its text)

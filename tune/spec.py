@@ -156,6 +156,10 @@ class Resources(_Strict):
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    in_process: bool | None = None
+    """Train each trial inside its Tune trial process (no Ray Train worker group): None (auto)
+    when every trial is one CPU worker on the torch engine, false to always use Ray Train (its
+    run.max_failures restarts inside a trial), true to require it."""
 
 
 class SweepSpec(_Strict):
@@ -267,7 +271,9 @@ class SweepPlan:
     def fingerprint(self) -> str:
         """What must not change between a sweep and its resumption."""
         body = [(t.key, t.base, t.overrides) for t in self.trials]
-        return _hash([body, self.metric, self.mode, self.asha, self.resources])
+        # where a trial trains (resources.in_process) changes no figure: a resume may switch it
+        resources = {k: v for k, v in self.resources.items() if k != "in_process"}
+        return _hash([body, self.metric, self.mode, self.asha, resources])
 
     def trial(self, key: str) -> Trial:
         return next(t for t in self.trials if t.key == key)

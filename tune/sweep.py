@@ -10,6 +10,13 @@ two 1-worker trials run at once; concurrency is capped by what the cluster's CPU
 When Tune stops a trial (ASHA, or Ctrl-C on the driver) the trainable's cleanup aborts the Train
 run through its controller before the trial's actor goes (see `abort_active_run`).
 
+In-process trials. A plan whose every trial is one CPU worker on the torch engine (the synthetic
+sweeps and `reproduce synthetic`) trains inside the trial function instead
+(trainer.run.fit_in_process, `resources.in_process`, default auto): the trial then reserves its
+worker's CPUs itself, Tune reuses the warm trial processes for the next trials, and a stop ends
+the loop at its next step or report. Same checkpoints, child runs, probes, ledger and resume;
+what it saves is the Train controller and worker group each trial started for seconds of steps.
+
 Folders. <storage>/<sweep name>/ holds Tune's experiment state beside what tune.folder owns: the
 state file (parent MLflow run id, the plan's fingerprint), plan.json, runs/<trial key>/ (each
 trial's Ray Train run) and the trial ledgers trials/<trial key>.json.
@@ -56,6 +63,7 @@ class TrialContext:
     sweep_dir: str
     tracking_uri: str
     parent_run_id: str
+    in_process: bool = False        # train inside the trial function (see the module doc)
 
 
 @dataclass
@@ -63,8 +71,9 @@ class ActiveRun:
     """The Ray Train run this trial process is executing (Tune gives each trial its own actor)."""
 
     stop_flag: Location             # raised when Tune stops the trial: a stop, not a failure
-    box: Any                        # a small actor holding the run's Train controller handle
+    box: Any                        # a small actor holding the run's Train controller handle (None: in-process)
     done: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # ends an in-process run's loop
 
 
 _ACTIVE: ActiveRun | None = None
@@ -95,15 +104,20 @@ def run_trial(trial: Trial, ctx: TrialContext, report: Callable[[dict], None]) -
             SWEEP_TAG: ctx.sweep, "linrep.group": trial.group, "linrep.seed": trial.seed})
     ckpts = list_checkpoints(handle.run_dir)
     ledger.start(handle.run_id, read_meta(ckpts[-1])["step"] if ckpts else 0)
-    _ACTIVE = active = ActiveRun(ledger.stop_flag, _controller_box())
+    _ACTIVE = active = ActiveRun(ledger.stop_flag, None if ctx.in_process else _controller_box())
     try:
-        outcome = fit_and_probe(handle, callbacks=[_report_callback(str(ledger.stop_flag)),
-                                                   _register_controller(active.box)])
+        if ctx.in_process:
+            outcome = fit_and_probe(handle, in_process={"on_report": _stoppable(report, active), "stop": active.stop})
+        else:
+            outcome = fit_and_probe(handle, callbacks=[_report_callback(str(ledger.stop_flag)),
+                                                       _register_controller(active.box)])
     except BaseException as err:
         if ledger.stop_flag.exists():  # Tune stopped the trial and aborted its Train run: not a failure
             ledger.end("interrupted")
             if handle.run_id:
                 tracking.set_status(ctx.tracking_uri, handle.run_id, "KILLED")
+            if isinstance(err, SystemExit):  # Tune's stop of an in-process trial: end the thread as Tune
+                raise                        # expects (a return would report once more and block)
             return {}
         ledger.end("failed", error=_first_line(err))
         raise
@@ -130,6 +144,9 @@ def abort_active_run(timeout_s: float = 180.0) -> None:
     if run is None or run.done.is_set():
         return
     run.stop_flag.touch()
+    run.stop.set()
+    if run.box is None:  # in-process: the loop ends at its next step, or at its report once Tune lets go
+        return
     try:
         controller = ray.get(run.box.get.remote(), timeout=30)
         if controller is not None:
@@ -137,6 +154,33 @@ def abort_active_run(timeout_s: float = 180.0) -> None:
     except Exception:  # abort ends the controller actor: the call errors by design
         pass
     run.done.wait(timeout=30)  # let run_trial record the stop before the actor goes
+
+
+def _stoppable(report: Callable[[dict], None], run: ActiveRun) -> Callable[[dict], None]:
+    """Tune's report for an in-process trial. When Tune stops the trial, its report raises
+    SystemExit in the training thread, with or without `cleanup` (a trial process kept for reuse
+    is reset instead): raise the stop flag first, so run_trial records a stop, not a failure."""
+
+    def report_or_stop(metrics: dict) -> None:
+        try:
+            report(metrics)
+        except SystemExit:
+            run.stop_flag.touch()
+            run.stop.set()
+            raise
+
+    return report_or_stop
+
+
+STOP_WAIT_S = 60.0  # a stopped in-process run: time to record the stop, end its MLflow run, drop its probe actor
+
+
+def wait_for_stop(timeout_s: float = STOP_WAIT_S) -> None:
+    """After a stop, let an in-process trial's run_trial record it (and close its logger) before
+    Tune takes the trial process away."""
+    run = _ACTIVE
+    if run is not None and run.box is None and run.stop.is_set():
+        run.done.wait(timeout=timeout_s)
 
 
 def _first_line(err: BaseException) -> str:
@@ -224,7 +268,16 @@ def make_trainable(plan: SweepPlan, ctx: TrialContext):
     class LinrepTrial(ray_private.function_trainable_class(linrep_trial)):
         def cleanup(self):
             abort_active_run()
-            super().cleanup()
+            super().cleanup()  # releases an in-process trial's report: its loop ends there
+            wait_for_stop()
+
+        def reset_config(self, new_config):
+            """A kept trial process takes the next trial (in-process sweeps reuse them): end the
+            previous run as cleanup would. Tune waits for its thread only 2 s by default; a stopped
+            run still closes its MLflow run and probe actor, so it gets as long as cleanup gives."""
+            abort_active_run()
+            os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = str(int(STOP_WAIT_S))
+            return super().reset_config(new_config)
 
     return LinrepTrial
 
@@ -349,6 +402,19 @@ def _create_parent(plan: SweepPlan, uri: str, exp_id: str) -> str:
     return parent
 
 
+def trials_in_process(plan: SweepPlan) -> bool:
+    """Whether the trials train inside their trial functions: resources.in_process, or (auto) when
+    every trial is one CPU worker on the torch engine (trainer.run.runs_in_process)."""
+    from trainer.run import runs_in_process
+
+    wanted = plan.resources.get("in_process")
+    fits = all(runs_in_process(trial_config(t)) for t in plan.trials)
+    if wanted and not fits:
+        raise UserError(f"sweep {plan.name}: resources.in_process=true needs one CPU worker on the torch engine "
+                        "(resources.workers=1, use_gpu=false, optim.engine=ddp) in every trial; drop it")
+    return fits if wanted is None else bool(wanted)
+
+
 def trial_demand(plan: SweepPlan) -> Demand:
     """What one trial reserves: its Train workers (the spec's resources) and its probe actor."""
     r, probe = plan.resources, trial_config(plan.trials[0]).probe
@@ -397,7 +463,9 @@ def build_tuner(plan: SweepPlan, ctx: TrialContext, concurrency: int, pending: l
     """
     from ray import tune
 
-    trainable = tune.with_resources(make_trainable(plan, ctx), {"CPU": 0, "memory": TRIAL_MEMORY})
+    # in-process trials hold their worker's CPUs themselves; otherwise the Train workers do
+    cpus = plan.resources["cpus_per_worker"] if ctx.in_process else 0
+    trainable = tune.with_resources(make_trainable(plan, ctx), {"CPU": cpus, "memory": TRIAL_MEMORY})
     exp_dir = plan.sweep_dir
     scheduler = None
     if plan.asha:
@@ -408,7 +476,8 @@ def build_tuner(plan: SweepPlan, ctx: TrialContext, concurrency: int, pending: l
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(pending)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler,
+        # reuse_actors: the next in-process trial starts in a warm process (torch, MLflow imported)
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, scheduler=scheduler, reuse_actors=ctx.in_process,
                                     trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name=plan.name, **locate(plan.storage).ray_storage(), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0), callbacks=[progress]),
@@ -438,7 +507,7 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     concurrency = trial_concurrency(plan, nodes, grows=cluster.autoscaling())
     uri = cluster.tracking_uri_for(uri, nodes, driver_ip, grows=cluster.autoscaling())
     parent = open_sweep(plan, uri)
-    ctx = TrialContext(plan.name, str(plan.sweep_dir), uri, parent)
+    ctx = TrialContext(plan.name, str(plan.sweep_dir), uri, parent, in_process=trials_in_process(plan))
     out(f"sweep {plan.name}: {len(plan.trials)} trials ({len(plan.groups())} configurations x seeds), "
         f"folder {plan.sweep_dir}, MLflow parent run {parent} in '{plan.experiment}' ({tracking.redact(uri)})")
     out(f"sweep {plan.name}: up to {concurrency} trials at a time")

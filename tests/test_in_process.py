@@ -1,0 +1,112 @@
+"""A run trained in the calling process (trainer.run.fit_in_process): what a sweep's one-worker
+trial uses instead of a Ray Train worker group. Same checkpoints, resume and numbers; no Ray."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.checkpoint import list_checkpoints, read_meta
+from trainer.config import load_config
+from trainer.engine import MODEL_FILE
+from trainer.errors import UserError
+from trainer.loop import StopRequested, persist_checkpoint
+from trainer.run import RunHandle, fit_in_process, runs_in_process
+from trainer.storage import locate
+
+SMALL = ["model.hidden=[16]", "data.num_classes=10", "optim.batch_size=64", "run.checkpoint_every=20",
+         "run.log_every=10", "optim.warmup_steps=10", "probe.enabled=false", "tracking.enabled=false", "run.keep_checkpoints=10"]
+
+
+def _run(tmp_path: Path, steps: int, on_report=None, stop=None):
+    cfg = load_config("synthetic-supervised", [*SMALL, f"optim.steps={steps}"])
+    handle = RunHandle(cfg, "run", locate(tmp_path / "run"), None, None)
+    return fit_in_process(handle, on_report=on_report, stop=stop)
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint / MODEL_FILE, weights_only=True)
+
+
+def test_an_in_process_run_checkpoints_reports_and_resumes_to_the_same_weights(tmp_path):
+    reports: list[dict] = []
+    result = _run(tmp_path / "whole", 60, on_report=reports.append)
+    assert result.error is None
+    assert [r["step"] for r in reports] == [20, 40, 60] and all("train/loss" in r for r in reports)
+    steps = [read_meta(p)["step"] for p in list_checkpoints(tmp_path / "whole" / "run")]
+    assert steps == [20, 40, 60] and result.checkpoint_path.endswith("checkpoint_00000060")
+
+    # the same run stopped after its step-40 report, then rerun: resumes from 40, lands on the same weights
+    stop = threading.Event()
+    with pytest.raises(StopRequested):
+        _run(tmp_path / "split", 60, on_report=lambda m: m["step"] == 40 and stop.set(), stop=stop)
+    resumed: list[dict] = []
+    _run(tmp_path / "split", 60, on_report=resumed.append)
+    assert [r["step"] for r in resumed] == [60]
+    whole = _weights(tmp_path / "whole" / "run" / "checkpoint_00000060")
+    split = _weights(tmp_path / "split" / "run" / "checkpoint_00000060")
+    assert whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_stop_ends_the_loop_and_keeps_the_checkpoints_already_written(tmp_path):
+    stop = threading.Event()
+
+    def stop_after_first(metrics: dict) -> None:
+        stop.set()  # as Tune's stop would, from another thread, between two steps
+
+    with pytest.raises(StopRequested):
+        _run(tmp_path, 200, on_report=stop_after_first, stop=stop)
+    assert [read_meta(p)["step"] for p in list_checkpoints(tmp_path / "run")] == [20]
+
+
+def test_a_persisted_checkpoint_replaces_a_leftover_and_lands_meta_last(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / MODEL_FILE).write_bytes(b"x" * 100)
+    (scratch / "config.yaml").write_text("{}")
+    (scratch / "meta.json").write_text('{"step": 20, "files": {"model.pt": 100, "config.yaml": 2}}')
+    target = tmp_path / "run" / "checkpoint_00000020"
+    target.mkdir(parents=True)
+    (target / "stale.bin").write_bytes(b"from a crashed attempt")
+    (target / MODEL_FILE).write_bytes(b"y" * 7)
+    persist_checkpoint(scratch, locate(target))
+    assert sorted(p.name for p in target.iterdir()) == ["config.yaml", "meta.json", MODEL_FILE]
+    assert (target / MODEL_FILE).stat().st_size == 100
+    assert [read_meta(p)["step"] for p in list_checkpoints(tmp_path / "run")] == [20]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], True),
+    (["run.workers=2"], False),
+    (["optim.engine=deepspeed"], False),
+])
+def test_only_one_cpu_worker_on_the_torch_engine_trains_in_process(overrides, expected):
+    assert runs_in_process(load_config("synthetic-supervised", overrides)) is expected
+
+
+def test_a_sweep_picks_in_process_trials_and_refuses_them_where_they_cannot_run(tmp_path):
+    import yaml
+
+    from tune.spec import build_plan, load_spec
+    from tune.sweep import trials_in_process
+
+    def plan(**fields):
+        spec = {"name": "t", "base": "synthetic-supervised", "overrides": {"optim.steps": 40, "optim.warmup_steps": 10},
+                "classes": [10, 20], **fields}
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        s, text, where = load_spec(str(path))
+        return build_plan(s, spec_text=text, where=str(where), storage=str(tmp_path / "sweeps"))
+
+    assert trials_in_process(plan()) is True
+    assert trials_in_process(plan(resources={"in_process": False})) is False
+    assert trials_in_process(plan(resources={"workers": 2})) is False
+    # where a trial trains changes no figure: a resume may switch it
+    assert plan(resources={"in_process": False}).fingerprint() == plan().fingerprint()
+    with pytest.raises(UserError, match="resources.in_process=true needs one CPU worker"):
+        trials_in_process(plan(resources={"workers": 2, "in_process": True}))
