@@ -547,7 +547,7 @@ def test_reproduce_submitted_from_the_client_runs_its_plan_on_the_workers_and_ke
     assert not list((bed.state_dir / "shared").glob("ray_results/sweeps/reproduce*"))  # nothing on /srv
     cfg = bed.config()
     actors = [(c, ip) for c, ip, a in _client_py(bed, RUN_RECORD, "-", "", timeout=120)["actors"] if a not in before]
-    trials = {ip for c, ip in actors if c.endswith("LinrepTrial")}
+    trials = {ip for c, ip in actors if c.endswith("ResourceTrainable")}  # tune.with_resources(LinrepTrial)
     assert trials == {cfg["w1"], cfg["w2"]}, actors  # both worker nodes took trials (the head has no CPU)
     assert not any(c == "RayTrainWorker" for c, _ in actors), actors  # trained in the trial processes
 
