@@ -13,9 +13,10 @@ import re
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from trainer import cluster
@@ -289,6 +290,21 @@ def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = 
     return RunResult(handle, metrics, ckpt, error=str(err) if err else None)
 
 
+@contextmanager
+def patched_env(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set, restored on exit (keys that were unset are removed again)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 def runs_in_process(cfg: Config) -> bool:
     """Whether this run can train in the calling process instead of a Ray Train worker group: one
     CPU worker on the torch engine (no process group to set up; DeepSpeed wants one)."""
@@ -311,11 +327,10 @@ def fit_in_process(handle: RunHandle, *, probe_actor: Any = None, on_report: Any
     ctx = LoopContext(run_dir=str(handle.run_dir), tracking_uri=handle.tracking_uri, run_id=handle.run_id,
                       probe_actor=probe_actor)
     session = InProcessSession(str(handle.run_dir), on_report=on_report, stop=stop)
-    saved = {k: os.environ.get(k) for k in tracking.FAST_FAIL_ENV}
-    os.environ.update(tracking.FAST_FAIL_ENV)  # as in a Train worker: MLflow calls fail fast, the logger retries
     error = None
     try:
-        run_worker(cfg, ctx, session, torch.device("cpu"))
+        with patched_env(tracking.FAST_FAIL_ENV):  # as in a Train worker: MLflow calls fail fast, the logger retries
+            run_worker(cfg, ctx, session, torch.device("cpu"))
     except (StopRequested, SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:  # the same one-line path as a failed Ray Train run (fit_and_probe)
@@ -323,12 +338,6 @@ def fit_in_process(handle: RunHandle, *, probe_actor: Any = None, on_report: Any
 
         traceback.print_exc(file=sys.stderr)
         error = f"{err.__class__.__name__}: {err}"
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return RunResult(handle, session.last_metrics, session.last_checkpoint, error=error)
 
 

@@ -15,7 +15,6 @@ why `linrep_startup_s` of both runs is reported too.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Any, Iterator
 from linrep.bench.harness import (BenchContext, BenchResult, RaySession, make_result, ratio_of,
                                   ray_train_throughput, register_benchmark, runs_store)
 from trainer.errors import RuntimeFault
+from trainer.run import patched_env
 
 PRESET = "synthetic-supervised"
 BUCKET = "linrep-bench"
@@ -59,20 +59,6 @@ def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> N
 
 
 @contextmanager
-def _patched_env(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
-@contextmanager
 def moto_s3(ctx: BenchContext) -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 with bucket BUCKET; the AWS_* environment points at it (so the
     local Ray started inside inherits it). Yields the endpoint URL."""
@@ -83,7 +69,7 @@ def moto_s3(ctx: BenchContext) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{port}"
     try:
         _wait_listening(port, proc)
-        with _patched_env({**MOTO_ENV, "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}):
+        with patched_env({**MOTO_ENV, "AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}):
             import boto3
 
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
