@@ -412,6 +412,7 @@ GROUPS: dict[str, dict[str, Builder]] = {
         "spec bad mode": spec(BASE_SPEC + "mode: sideways\n", "mode"),
         "spec max_concurrent zero": spec(BASE_SPEC + "max_concurrent: 0\n", "max_concurrent"),
         "spec refused override": spec(BASE_SPEC + "overrides: {optim.lr: -1}\n", "optim.lr"),
+        "spec in_process impossible": spec(BASE_SPEC + "resources: {workers: 2, in_process: true}\n", "in_process"),
     },
     "converter sources": {
         "converter missing file": converter("dsprites", lambda t: t / "nope.npz", "nope.npz"),

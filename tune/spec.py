@@ -151,7 +151,8 @@ class SchedulerSpec(_Strict):
 
 
 class Resources(_Strict):
-    """Resources of ONE trial (its Ray Train workers); the trial's driver function takes no CPU."""
+    """Resources of ONE trial: its Ray Train workers (the trial function itself takes no CPU), or,
+    for an in-process trial, the trial function that trains (tune/sweep.py)."""
 
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)

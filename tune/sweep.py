@@ -494,6 +494,7 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     from trainer.run import check_ray_address, cluster_nodes, init_ray
 
     check_ray_address(address)  # before the parent run opens: a bad address leaves nothing RUNNING
+    in_process = trials_in_process(plan)  # resources.in_process refused here, before Ray and MLflow
     plan.sweep_dir.check_reachable()
     uri = resolve_tracking_uri(plan)
     tracking.check_reachable(uri)
@@ -507,7 +508,7 @@ def run_sweep(plan: SweepPlan, *, address: str | None = None, out: Callable[[str
     concurrency = trial_concurrency(plan, nodes, grows=cluster.autoscaling())
     uri = cluster.tracking_uri_for(uri, nodes, driver_ip, grows=cluster.autoscaling())
     parent = open_sweep(plan, uri)
-    ctx = TrialContext(plan.name, str(plan.sweep_dir), uri, parent, in_process=trials_in_process(plan))
+    ctx = TrialContext(plan.name, str(plan.sweep_dir), uri, parent, in_process=in_process)
     out(f"sweep {plan.name}: {len(plan.trials)} trials ({len(plan.groups())} configurations x seeds), "
         f"folder {plan.sweep_dir}, MLflow parent run {parent} in '{plan.experiment}' ({tracking.redact(uri)})")
     out(f"sweep {plan.name}: up to {concurrency} trials at a time")
