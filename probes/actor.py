@@ -85,7 +85,8 @@ class _ProbeActor:
                  outage_wait_s: float = 90.0):
         import torch
 
-        torch.set_num_threads(max(1, threads))
+        if threads:  # 0: a runner inside the training process keeps that process's threads
+            torch.set_num_threads(threads)
         self.uri, self.run_id = tracking_uri, run_id
         self.max_attempts = max_attempts
         self.state: dict[str, Any] = {}
@@ -242,3 +243,42 @@ def start_probe_actor(tracking_uri: str | None, run_id: str | None, cfg: Config,
     threads = max(1, int(cfg.probe.actor_cpus)) if cfg.probe.actor_cpus >= 1 else 1
     return cls.options(**opts).remote(tracking_uri, run_id, threads, cfg.probe.max_attempts,
                                       cfg.tracking.outage_wait_s)
+
+
+class LocalProbe:
+    """The probe actor's work on one background thread of this process: what an in-process sweep
+    trial (tune/sweep.py) uses instead of a probe actor, so a short trial does not start one more
+    process (~3 s of imports on a core its neighbour trains on). Probes run in order while training
+    goes on, with the same ledger, logging and retention as the actor's; a failed probe is reported,
+    never raised. It offers what the training loop calls on an actor handle (`probe.remote(path,
+    step)`), `latest_now()` for the loop's progress, and `drain(timeout)` / `close()` for the end."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, cfg: Config):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.impl = _ProbeActor(tracking_uri, run_id, 0, cfg.probe.max_attempts, cfg.tracking.outage_wait_s)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linrep-probe")
+        self.probe = _Submit(self)
+
+    def submit(self, path: str, step: int) -> None:
+        self.pool.submit(self.impl.probe, path, step)
+
+    def latest_now(self) -> dict[str, float]:
+        return self.impl.latest()
+
+    def drain(self, timeout_s: float) -> dict[int, dict[str, float]]:
+        """Every probe queued before this call, then the logger closed; TimeoutError past timeout_s."""
+        return self.pool.submit(self.impl.drain).result(timeout=timeout_s)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Submit:
+    """`probe.remote(path, step)`, as on an actor handle."""
+
+    def __init__(self, owner: LocalProbe):
+        self.owner = owner
+
+    def remote(self, path: str, step: int) -> None:
+        self.owner.submit(path, step)

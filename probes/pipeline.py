@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from probes.actor import BEST_METRIC, probe_checkpoint, probe_family, start_probe_actor
+from probes.actor import BEST_METRIC, LocalProbe, probe_checkpoint, probe_family, start_probe_actor
 from trainer import model_logging, tracking
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import Config
@@ -56,7 +56,7 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_proces
         except Exception as err:
             print(f"warning: the dataset of MLflow run {handle.run_id} was not logged: "
                   f"{err.__class__.__name__}: {str(err)[:200]}", file=sys.stderr, flush=True)
-    actor = start_probe_actor(handle.tracking_uri, handle.run_id, cfg) if cfg.probe.enabled else None
+    actor = start_probes(handle, in_process=in_process is not None) if cfg.probe.enabled else None
     if actor is not None:
         queue_unprobed(handle, actor)
     status = "FAILED"
@@ -76,7 +76,9 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_proces
             except Exception as err:  # a tracking outage must not hide the training outcome
                 print(f"warning: could not mark MLflow run {handle.run_id} {status}: {err.__class__.__name__}",
                       file=sys.stderr)
-        if actor is not None:
+        if isinstance(actor, LocalProbe):
+            actor.close()
+        elif actor is not None:
             ray.kill(actor)
     final = dict(history[max(history)]) if history else {}
     if not final and handle.run_id:  # a rerun of a finished run: figures are already in MLflow
@@ -86,6 +88,15 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_proces
         except Exception:
             final = {}
     return Outcome(handle.run_key, handle.run_id, handle.tracking_uri, handle.run_dir, final, history)
+
+
+def start_probes(handle: RunHandle, *, in_process: bool):
+    """The run's probe actor; for a run trained in this process, its probes on a thread here
+    instead (probes.actor.LocalProbe), unless probe.actor_* asks for resources of their own."""
+    probe = handle.cfg.probe
+    if in_process and not (probe.actor_cpus or probe.actor_gpus or probe.actor_resources):
+        return LocalProbe(handle.tracking_uri, handle.run_id, handle.cfg)
+    return start_probe_actor(handle.tracking_uri, handle.run_id, handle.cfg)
 
 
 def publish_run(handle: RunHandle) -> None:
@@ -118,6 +129,12 @@ def drain_probes(actor, handle: RunHandle) -> dict[int, dict[str, float]]:
     import ray
 
     timeout = handle.cfg.probe.drain_timeout_s
+    if isinstance(actor, LocalProbe):  # in this process: nothing is lost with a caller
+        try:
+            return actor.drain(timeout)
+        except TimeoutError:
+            warn_unprobed(handle, f"still probing after probe.drain_timeout_s={timeout:g} s")
+            return {}
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -135,12 +152,16 @@ def drain_probes(actor, handle: RunHandle) -> dict[int, dict[str, float]]:
                 raise ray.exceptions.GetTimeoutError("drain")
     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
         timed_out = isinstance(err, ray.exceptions.GetTimeoutError)
-        why = (f"still probing after probe.drain_timeout_s={timeout:g} s" if timed_out
-               else f"the probe actor failed ({err.__class__.__name__})")
-        steps = [step for step, _ in unprobed(handle)]
-        left = f"steps {', '.join(map(str, steps))} under {handle.run_dir}" if steps else "none"
-        print(f"warning: {why}; checkpoints not probed: {left}", file=sys.stderr, flush=True)
+        warn_unprobed(handle, f"still probing after probe.drain_timeout_s={timeout:g} s" if timed_out
+                      else f"the probe actor failed ({err.__class__.__name__})")
         return {}
+
+
+def warn_unprobed(handle: RunHandle, why: str) -> None:
+    """One warning line: why the drain ended, and the checkpoints left unprobed."""
+    steps = [step for step, _ in unprobed(handle)]
+    left = f"steps {', '.join(map(str, steps))} under {handle.run_dir}" if steps else "none"
+    print(f"warning: {why}; checkpoints not probed: {left}", file=sys.stderr, flush=True)
 
 
 def unprobed(handle: RunHandle) -> list[tuple[int, Path]]:

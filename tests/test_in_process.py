@@ -110,3 +110,25 @@ def test_a_sweep_picks_in_process_trials_and_refuses_them_where_they_cannot_run(
     assert plan(resources={"in_process": False}).fingerprint() == plan().fingerprint()
     with pytest.raises(UserError, match="resources.in_process=true needs one CPU worker"):
         trials_in_process(plan(resources={"workers": 2, "in_process": True}))
+
+
+def test_probes_on_a_thread_of_the_training_process_probe_every_due_checkpoint(tmp_path):
+    """probes.actor.LocalProbe: an in-process trial's probes, queued while training goes on and
+    drained at the end, with the actor's ledger (each due checkpoint done once) and figures."""
+    from probes.actor import LocalProbe
+    from probes.attempts import read_ledger
+    from probes.pipeline import start_probes
+
+    cfg = load_config("synthetic-supervised", [*SMALL, "optim.steps=60", "probe.enabled=true", "probe.samples=512"])
+    handle = RunHandle(cfg, "run", locate(tmp_path / "run"), None, None)
+    probe = start_probes(handle, in_process=True)
+    assert isinstance(probe, LocalProbe)
+    try:
+        assert fit_in_process(handle, probe_actor=probe).error is None
+        results = probe.drain(timeout_s=120)
+    finally:
+        probe.close()
+    assert sorted(results) == [20, 40, 60]
+    assert all(0.0 <= r["probe/r2_affine"] <= 1.0 for r in results.values())
+    assert {step: entry["state"] for step, entry in read_ledger(locate(tmp_path / "run")).items()} == \
+        {20: "done", 40: "done", 60: "done"}

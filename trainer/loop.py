@@ -42,7 +42,7 @@ class LoopContext:
     run_dir: str                 # this run's storage folder: absolute path or URI (checkpoint_* live here)
     tracking_uri: str | None     # None: no MLflow logging
     run_id: str | None
-    probe_actor: Any = None      # a Ray actor handle with .probe.remote(path, step), or None
+    probe_actor: Any = None      # a Ray actor handle with .probe.remote(path, step) (or a LocalProbe), or None
     extra: dict = field(default_factory=dict)
 
 
@@ -204,6 +204,9 @@ class Progress:
 
     def _poll_probe(self) -> None:
         if self.actor is None:
+            return
+        if hasattr(self.actor, "latest_now"):  # probes on a thread of this process (probes.actor.LocalProbe)
+            self.latest = self.actor.latest_now() or self.latest
             return
         import ray
 

@@ -13,9 +13,11 @@ run through its controller before the trial's actor goes (see `abort_active_run`
 In-process trials. A plan whose every trial is one CPU worker on the torch engine (the synthetic
 sweeps and `reproduce synthetic`) trains inside the trial function instead
 (trainer.run.fit_in_process, `resources.in_process`, default auto): the trial then reserves its
-worker's CPUs itself, Tune reuses the warm trial processes for the next trials, and a stop ends
-the loop at its next step or report. Same checkpoints, child runs, probes, ledger and resume;
-what it saves is the Train controller and worker group each trial started for seconds of steps.
+worker's CPUs itself, its probes run on a thread of that process (probes.actor.LocalProbe,
+unless probe.actor_* asks for resources of their own), Tune reuses the warm trial processes for
+the next trials, and a stop ends the loop at its next step or report. Same checkpoints, child
+runs, probe figures, ledger and resume; what it saves is the Train controller, worker group and
+probe actor each trial started for seconds of steps.
 
 Folders. <storage>/<sweep name>/ holds Tune's experiment state beside what tune.folder owns: the
 state file (parent MLflow run id, the plan's fingerprint), plan.json, runs/<trial key>/ (each
