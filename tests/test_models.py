@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -61,3 +63,17 @@ def test_any_timm_name_and_unknown_names():
     bad = load_config("synthetic-supervised", ["model.encoder=not_a_model"]).model
     with pytest.raises(UserError, match="not_a_model"):
         create_encoder(bad, InputSpec(channels=3, size=32))
+
+
+def test_a_learned_temperature_saved_as_a_scalar_still_loads():
+    """The learned log β is a [1] parameter (DeepSpeed broadcasts parameters as bytes; a 0-d one
+    fails): a state dict from before, with a scalar, loads into it unchanged in value."""
+    cfg = load_config("synthetic-supervised", ["model.hidden=[8]", "model.learn_temperature=true",
+                                               "model.temperature=3.0"])
+    model = build_classifier(cfg, InputSpec(dim=5), 10)
+    assert model.log_beta.shape == (1,) and abs(model.temperature - 3.0) < 1e-6
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    old["log_beta"] = torch.tensor(math.log(7.0))  # a 0-d tensor, as older checkpoints hold it
+    fresh = build_classifier(cfg, InputSpec(dim=5), 10)
+    fresh.load_state_dict(old)
+    assert fresh.log_beta.shape == (1,) and abs(fresh.temperature - 7.0) < 1e-5

@@ -87,9 +87,9 @@ def engine(cfg):
     torch.manual_seed(0)
     return DeepSpeedEngine(build_classifier(cfg, InputSpec(dim=5), 10), cfg.optim, torch.device("cpu"),
                            micro_batch=4, bf16=False)
-for stage in (1, 2):                                       # ZeRO-1 and ZeRO-2 shards
+for stage, learn in ((1, "false"), (2, "true")):          # ZeRO-1 and ZeRO-2 shards; a learned β under DeepSpeed
     cfg = load_config("synthetic-supervised", ["model.hidden=[8]", "optim.engine=deepspeed", "optim.batch_size=4",
-                                               f"optim.zero_stage={stage}", "model.learn_temperature=false"])
+                                               f"optim.zero_stage={stage}", f"model.learn_temperature={learn}"])
     trained = engine(cfg)
     train_step(trained, torch.randn(4, 5), torch.randint(0, 10, (4,)), 0.0)
     ckpt = out / f"checkpoint-zero{stage}"

@@ -120,9 +120,17 @@ class Classifier(nn.Module):
         self.head = nn.Parameter(torch.randn(num_outputs, feature_dim) / math.sqrt(feature_dim))  # W: [K, p]
         log_beta = torch.tensor(math.log(temperature))
         if learn_temperature:
-            self.log_beta = nn.Parameter(log_beta)
+            # shape [1], not a scalar: DeepSpeed broadcasts every parameter as bytes at start-up
+            # (p.data.view(torch.uint8)), which a 0-d tensor refuses ("self.dim() cannot be 0")
+            self.log_beta = nn.Parameter(log_beta.reshape(1))
         else:
             self.register_buffer("log_beta", log_beta)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "log_beta"  # a learned β saved as a scalar (before the [1] shape) loads as [1]
+        if key in state_dict and state_dict[key].numel() == 1 and state_dict[key].shape != self.log_beta.shape:
+            state_dict[key] = state_dict[key].reshape(self.log_beta.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters timm's optimiser factory keeps out of weight decay besides biases and norms (it
