@@ -331,7 +331,7 @@ def fit_in_process(handle: RunHandle, *, probe_actor: Any = None, on_report: Any
     try:
         with patched_env(tracking.FAST_FAIL_ENV):  # as in a Train worker: MLflow calls fail fast, the logger retries
             run_worker(cfg, ctx, session, torch.device("cpu"))
-    except (StopRequested, SystemExit, KeyboardInterrupt):
+    except StopRequested:  # a stop, not a failure (SystemExit and Ctrl-C pass the handler below anyway)
         raise
     except Exception as err:  # the same one-line path as a failed Ray Train run (fit_and_probe)
         import traceback

@@ -163,8 +163,8 @@ def bench_sweep(ctx: BenchContext) -> BenchResult:
     floor = run_isolated(floor_seconds, configs=configs)
     floor_s = sum(f["train_s"] + f["probe_s"] for f in floor.values())
     efficiency = ratio_of(floor_s, concurrency * wall)
-    walls = trial_walls(sweep_folder(work) or work)
-    span = trials_span(sweep_folder(work) or work)
+    folder = sweep_folder(work) or work
+    walls, span = trial_walls(folder), trials_span(folder)
     overhead = (concurrency * wall - floor_s) / max(1, len(configs))
     # the same ratio over the trials' span only: what the sweep costs beyond the command's fixed
     # start (interpreter, Ray, the MLflow parent run) and end (summary, plots)
