@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from probes.actor import BEST_METRIC, LocalProbe, probe_checkpoint, probe_family, start_probe_actor
-from trainer import model_logging, tracking
+from trainer import model_logging, progress, tracking
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import Config
 from trainer.errors import RuntimeFault, UserError
-from trainer.run import (RunHandle, check_cluster, check_files_and_store, check_ray_address, fit, fit_in_process,
-                         init_ray, resume_hint, prepare_run)
+from trainer.run import (RunHandle, check_cluster, check_files_and_store, check_fits_here, check_ray_address, fit,
+                         fit_in_process, init_ray, resume_hint, prepare_run, trains_here)
 from trainer.storage import Location, locate
 
 RUN_DIR_TAG = "linrep.run_dir"
@@ -32,9 +32,19 @@ class Outcome:
 
 
 def train_and_probe(cfg: Config, *, address: str | None = None, parent_run_id: str | None = None) -> Outcome:
-    """Run training through Ray Train with a probe actor beside it; return the final figures."""
+    """Run training through Ray Train with a probe actor beside it (or, for a one-worker CPU run on
+    this machine, in this process with its probes on a thread: trainer.run.trains_here); return the
+    final figures."""
     check_ray_address(address)  # before the MLflow run opens: an unreachable address leaves nothing RUNNING
+    here = trains_here(cfg, address)
     check_files_and_store(cfg)  # bad data or a tracking server that is away: fail before Ray starts
+    if here:
+        console = progress.start_session()
+        check_fits_here(cfg)
+        console.note("training in this process (one CPU worker on this machine; run.in_process=false: Ray Train)")
+        uri = tracking.resolve_uri(cfg.tracking) if cfg.tracking.enabled else None
+        handle = prepare_run(cfg, parent_run_id=parent_run_id, tracking_uri=uri)
+        return fit_and_probe(handle, in_process={})
     init_ray(address)
     uri = check_cluster(cfg)    # the run fits the cluster, every node reaches the store: before the run opens
     handle = prepare_run(cfg, parent_run_id=parent_run_id, tracking_uri=uri)
@@ -46,8 +56,6 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_proces
 
     in_process: train in this process instead (trainer.run.fit_in_process; its on_report and stop
     keywords), as a sweep's one-worker trial does."""
-    import ray
-
     cfg = handle.cfg
     if handle.run_id:
         tracking.set_tags(handle.tracking_uri, handle.run_id, {RUN_DIR_TAG: str(handle.run_dir)})
@@ -79,6 +87,8 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_proces
         if isinstance(actor, LocalProbe):
             actor.close()
         elif actor is not None:
+            import ray
+
             ray.kill(actor)
     final = dict(history[max(history)]) if history else {}
     if not final and handle.run_id:  # a rerun of a finished run: figures are already in MLflow
@@ -126,8 +136,6 @@ def publish_outputs(uri: str, run_id: str, run_dir: Location, cfg: Config, *, mo
 def drain_probes(actor, handle: RunHandle) -> dict[int, dict[str, float]]:
     """The probes still queued, waited for at most probe.drain_timeout_s; past it (a probe that
     hangs), one warning line names the checkpoints left unprobed and the run finishes anyway."""
-    import ray
-
     timeout = handle.cfg.probe.drain_timeout_s
     if isinstance(actor, LocalProbe):  # in this process: nothing is lost with a caller
         try:
@@ -135,6 +143,8 @@ def drain_probes(actor, handle: RunHandle) -> dict[int, dict[str, float]]:
         except TimeoutError:
             warn_unprobed(handle, f"still probing after probe.drain_timeout_s={timeout:g} s")
             return {}
+    import ray
+
     deadline = time.monotonic() + timeout
     try:
         while True:

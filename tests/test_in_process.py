@@ -1,5 +1,6 @@
 """A run trained in the calling process (trainer.run.fit_in_process): what a sweep's one-worker
-trial uses instead of a Ray Train worker group. Same checkpoints, resume and numbers; no Ray."""
+trial and `linrep train` of one CPU worker on this machine use instead of a Ray Train worker group.
+Same checkpoints, resume, restarts and numbers; no Ray."""
 
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from trainer.config import load_config
 from trainer.engine import MODEL_FILE
 from trainer.errors import UserError
 from trainer.loop import StopRequested, persist_checkpoint
-from trainer.run import RunHandle, fit_in_process, runs_in_process
+from trainer.run import RunHandle, fit_in_process, runs_in_process, trains_here
 from trainer.storage import locate
 
 SMALL = ["model.hidden=[16]", "data.num_classes=10", "optim.batch_size=64", "run.checkpoint_every=20",
          "run.log_every=10", "optim.warmup_steps=10", "probe.enabled=false", "tracking.enabled=false", "run.keep_checkpoints=10"]
 
 
-def _run(tmp_path: Path, steps: int, on_report=None, stop=None):
-    cfg = load_config("synthetic-supervised", [*SMALL, f"optim.steps={steps}"])
+def _run(tmp_path: Path, steps: int, on_report=None, stop=None, extra: tuple = ()):
+    cfg = load_config("synthetic-supervised", [*SMALL, f"optim.steps={steps}", *extra])
     handle = RunHandle(cfg, "run", locate(tmp_path / "run"), None, None)
     return fit_in_process(handle, on_report=on_report, stop=stop)
 
@@ -132,3 +133,109 @@ def test_probes_on_a_thread_of_the_training_process_probe_every_due_checkpoint(t
     assert all(0.0 <= r["probe/r2_affine"] <= 1.0 for r in results.values())
     assert {step: entry["state"] for step, entry in read_ledger(locate(tmp_path / "run")).items()} == \
         {20: "done", 40: "done", 60: "done"}
+
+
+@pytest.mark.parametrize("max_failures", [1, 0])
+def test_a_failed_attempt_restarts_from_the_newest_checkpoint_up_to_max_failures(tmp_path, max_failures):
+    """A worker failure after the step-40 checkpoint: with run.max_failures=1 the worker is rebuilt,
+    restores 40 and lands on the weights of a run that never failed, every train/loss step in MLflow
+    once; with 0 the run fails, in one line."""
+    from trainer.run import prepare_run
+    from trainer.tracking import metric_history
+
+    _run(tmp_path / "whole", 60)
+    reports: list[int] = []
+
+    def fail_once_at_40(metrics: dict) -> None:
+        reports.append(metrics["step"])
+        if reports == [20, 40]:
+            raise RuntimeError("injected worker fault")
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("synthetic-supervised", [*SMALL, "optim.steps=60", f"run.max_failures={max_failures}",
+                                               "tracking.enabled=true", f"tracking.uri={uri}", "run.name=faulty",
+                                               f"run.storage={tmp_path / 'faulty'}"])
+    handle = prepare_run(cfg)
+    result = fit_in_process(handle, on_report=fail_once_at_40)
+    if max_failures == 0:
+        assert result.error == "RuntimeError: injected worker fault" and reports == [20, 40]
+        return
+    assert result.error is None and reports == [20, 40, 60]  # the restart resumed from 40, not from 0
+    whole = _weights(tmp_path / "whole" / "run" / "checkpoint_00000060")
+    restarted = _weights(tmp_path / "faulty" / "faulty" / "checkpoint_00000060")
+    for name in whole:
+        torch.testing.assert_close(restarted[name], whole[name], rtol=1e-5, atol=1e-6)
+    assert [step for step, _ in metric_history(uri, handle.run_id, "train/loss")] == [10, 20, 30, 40, 50, 60]
+
+
+@pytest.mark.parametrize("overrides, address, env, expected", [
+    ([], None, None, True),
+    (["run.in_process=false"], None, None, False),
+    (["run.workers=2"], None, None, False),
+    (["probe.actor_cpus=1"], None, None, False),
+    (["probe.actor_cpus=1", "probe.enabled=false"], None, None, True),
+    ([], "10.0.0.5:6379", None, False),
+    ([], None, "10.0.0.5:6379", False),
+    (["run.in_process=true"], None, None, True),
+    (["run.in_process=true", "optim.engine=deepspeed"], None, None, "deepspeed engine"),
+    (["run.in_process=true", "probe.actor_gpus=1"], None, None, "probe.actor_"),
+    (["run.in_process=true"], None, "10.0.0.5:6379", "given a Ray cluster"),
+])
+def test_linrep_train_trains_in_its_own_process_only_on_this_machine(monkeypatch, overrides, address, env, expected):
+    """run.in_process: a one-worker CPU run without a cluster address trains in the command's process;
+    true where that is impossible is refused in one line naming why."""
+    if env:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config("synthetic-supervised", overrides)
+    if isinstance(expected, str):
+        with pytest.raises(UserError, match=expected):
+            trains_here(cfg, address)
+    else:
+        assert trains_here(cfg, address) is expected
+
+
+def test_run_in_process_does_not_rename_a_run():
+    """Where a run trains changes no figure: its automatic name (and so its resume) stays the same."""
+    names = {load_config("synthetic-supervised", [f"run.in_process={v}"]).run_name() for v in ("true", "false", "null")}
+    assert len(names) == 1 and names == {load_config("synthetic-supervised", []).run_name()}
+
+
+CLI_SMALL = ["optim.steps=120", "run.checkpoint_every=40", "run.log_every=20", "probe.samples=1024",
+             "data.generator_pool=1000", "model.hidden=[32,32]", "optim.warmup_steps=10", "run.name=cli"]
+
+
+def test_linrep_train_in_its_own_process_matches_ray_train_to_the_weights(tmp_path, shared_ray):
+    """The real CLI twice on the same config and seed: in its own process (no RAY_ADDRESS: no Ray is
+    started) and through Ray Train (run.in_process=false, the session's Ray). Same checkpoints, same
+    weights (CPU, one thread each: the same arithmetic), same probe figures in MLflow, both FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import run_cli
+
+    runs = {}
+    for name, extra, env in [("here", [], None), ("ray", ["run.in_process=false"], shared_ray)]:
+        cwd = tmp_path / name
+        cwd.mkdir()
+        if env is None:
+            proc = run_cli(["train", "synthetic-supervised", *CLI_SMALL], cwd, env={"RAY_ADDRESS": ""})
+        else:
+            proc = run_cli(["train", "synthetic-supervised", *CLI_SMALL, *extra], cwd, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        uri = f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}"
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+        assert run.info.status == "FINISHED"
+        runs[name] = (proc, cwd / "ray_results" / "cli", run)
+    here_out = runs["here"][0].stdout
+    assert "training in this process" in here_out and "training in this process" not in runs["ray"][0].stdout
+    assert "[linrep] step 120/120" in here_out  # progress reaches the console without Ray's log stream
+    assert (runs["here"][1] / "linrep.log").is_file()
+    for step in (40, 80, 120):
+        a = _weights(runs["here"][1] / f"checkpoint_{step:08d}")
+        b = _weights(runs["ray"][1] / f"checkpoint_{step:08d}")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    here_m, ray_m = runs["here"][2].data.metrics, runs["ray"][2].data.metrics
+    assert here_m["probe/r2_affine"] == pytest.approx(ray_m["probe/r2_affine"], abs=1e-4)

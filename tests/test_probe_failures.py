@@ -38,7 +38,8 @@ def kill_every_attempt(run_dir: Path, step: int, attempts: int, driver: int, sto
 
 def test_a_probe_that_always_kills_its_actor_is_recorded_and_the_run_finishes(tmp_path):
     args = ["train", "synthetic-supervised", "optim.steps=200", "run.checkpoint_every=100", "run.log_every=50",
-            "run.name=crash", "probe.max_attempts=2", *SMALL, "probe.samples=60000"]
+            "run.name=crash", "probe.max_attempts=2", *SMALL, "probe.samples=60000",
+            "run.in_process=false"]  # the probe actor is what gets killed: not a thread of the CLI
     run_dir = tmp_path / "ray_results" / "crash"
     proc = subprocess.Popen([*LINREP, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

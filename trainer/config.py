@@ -239,6 +239,13 @@ class RunConfig(_Section):
     """Checkpoints kept (the latest K, plus the best by the probe metric)."""
     max_failures: int = Field(3, ge=0)
     """Worker failures tolerated; each restarts from the latest checkpoint."""
+    in_process: bool | None = None
+    """`linrep train` of one CPU worker on the torch engine, on this machine (no --address or
+    $RAY_ADDRESS, probes without probe.actor_* resources): train in the command's own process, with
+    its probes on a thread, instead of starting Ray, a Train controller and a worker group (~10 s
+    of a short run). None = do so whenever the run allows; false = always Ray Train; true = require
+    it. run.max_failures restarts from the newest checkpoint either way. Sweeps choose with their
+    spec's resources.in_process."""
     log_every: int = Field(50, ge=1)
     """Log train metrics and the console progress line every N steps."""
     resume: bool = True
@@ -377,6 +384,7 @@ class Config(_Section):
         d = self.model_dump(mode="json")
         d["run"].pop("name", None)
         d["run"].pop("resume", None)
+        d["run"].pop("in_process", None)  # where it trains, not what: a rerun may switch
         d.pop("tracking", None)
         d["probe"].pop("actor_resources", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]

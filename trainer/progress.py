@@ -55,8 +55,13 @@ OWN_WARNINGS = ("warning: ", "MLflow writes resumed")
 
 
 def emit(kind: str, **fields: Any) -> None:
-    """One progress event from a worker (rank 0) to the driver's display, through Ray's log stream."""
-    print(PROGRESS_MAGIC + json.dumps({"kind": kind, **fields}, separators=(",", ":")), flush=True)
+    """One progress event from a worker (rank 0) to the driver's display, through Ray's log stream;
+    straight to the display when the run trains in the console's own process (run.in_process)."""
+    event = {"kind": kind, **fields}
+    if _SESSION is not None:
+        _SESSION.on_event(event)
+        return
+    print(PROGRESS_MAGIC + json.dumps(event, separators=(",", ":")), flush=True)
 
 
 def parse_event(line: str) -> dict | None:

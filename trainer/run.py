@@ -311,23 +311,77 @@ def runs_in_process(cfg: Config) -> bool:
     return cfg.run.workers == 1 and not cfg.run.use_gpu and cfg.optim.engine == "ddp"
 
 
+def probes_need_ray(cfg: Config) -> bool:
+    """probe.actor_* asks for resources of the probes' own: they run in a Ray actor, not on a thread."""
+    p = cfg.probe
+    return p.enabled and bool(p.actor_cpus or p.actor_gpus or p.actor_resources)
+
+
+def trains_here(cfg: Config, address: str | None = None) -> bool:
+    """Whether `linrep train` trains in its own process (run.in_process): a run that allows it, on
+    this machine. On a cluster (--address, $RAY_ADDRESS, a Ray already joined) the run's worker must
+    go where the cluster has room, so it stays a Ray Train run."""
+    wanted = cfg.run.in_process
+    if wanted is False:
+        return False
+    on_cluster = bool(address or os.environ.get("RAY_ADDRESS")) or _ray_joined()
+    why_not = ("it has more than one worker, a GPU or the deepspeed engine" if not runs_in_process(cfg)
+               else "probe.actor_* gives its probes resources of their own (a Ray actor)" if probes_need_ray(cfg)
+               else "it was given a Ray cluster (--address or $RAY_ADDRESS)" if on_cluster else None)
+    if wanted and why_not:
+        raise UserError(f"run.in_process=true: this run cannot train in the command's process: {why_not}; "
+                        "drop run.in_process (or set it false)")
+    return why_not is None
+
+
+def _ray_joined() -> bool:
+    ray = sys.modules.get("ray")  # not imported: this process has not joined one
+    return bool(ray is not None and ray.is_initialized())
+
+
+def check_fits_here(cfg: Config) -> None:
+    """check_cluster for a run trained in this process: its CPUs on this machine."""
+    here = cluster.Node(LOOPBACK, float(os.cpu_count() or 1), 0.0, True)
+    cluster.require_fit(cluster.run_demand(cfg), [here])
+
+
 def fit_in_process(handle: RunHandle, *, probe_actor: Any = None, on_report: Any = None,
                    stop: Any = None) -> RunResult:
     """The run's one worker, trained in this process (`runs_in_process`): the same build -> train
     -> checkpoint code as a Ray Train worker, without a controller and worker group to start.
 
-    A sweep trial uses it: each trial paid ~9 s of Ray Train start-up and teardown (controller,
-    worker group, placement-group cleaner) for a few seconds of steps. on_report: called with
-    each checkpoint's reported metrics; stop: a threading.Event that ends the loop (StopRequested).
-    What differs from fit(): no run.max_failures restarts inside the run (a rerun resumes from the
-    newest checkpoint, as after any failure)."""
-    import torch
-
+    A sweep trial uses it (each trial paid ~9 s of Ray Train start-up and teardown: controller,
+    worker group, placement-group cleaner, for a few seconds of steps), and so does `linrep train`
+    on this machine (`trains_here`). on_report: called with each checkpoint's reported metrics;
+    stop: a threading.Event that ends the loop (StopRequested). A failure restarts the worker from
+    the newest checkpoint in the run folder, up to run.max_failures times, as Ray Train does; a
+    crash of the process itself ends the run (a rerun resumes it)."""
     cfg = handle.cfg
     ctx = LoopContext(run_dir=str(handle.run_dir), tracking_uri=handle.tracking_uri, run_id=handle.run_id,
                       probe_actor=probe_actor)
     session = InProcessSession(str(handle.run_dir), on_report=on_report, stop=stop)
+    console = progress.current_session()  # the CLI's console; None in a sweep's trial process
+    if console:
+        console.attach_run(handle.run_dir)
     error = None
+    try:
+        for attempt in range(cfg.run.max_failures + 1):
+            error = _train_attempt(cfg, ctx, session)
+            if error is None or attempt == cfg.run.max_failures:
+                break
+            progress.emit("note", text=f"the worker failed ({error[:160]}): restarting from the newest checkpoint "
+                                       f"({attempt + 1}/{cfg.run.max_failures}, run.max_failures)")
+    finally:
+        if console:
+            console.end_run(error is not None)
+            save_log(handle, console.log.path)
+    return RunResult(handle, session.last_metrics, session.last_checkpoint, error=error)
+
+
+def _train_attempt(cfg: Config, ctx: LoopContext, session: InProcessSession) -> str | None:
+    """One run_worker in this process: None, or the failure as one line (its traceback to the log)."""
+    import torch
+
     try:
         with patched_env(tracking.FAST_FAIL_ENV):  # as in a Train worker: MLflow calls fail fast, the logger retries
             run_worker(cfg, ctx, session, torch.device("cpu"))
@@ -336,9 +390,10 @@ def fit_in_process(handle: RunHandle, *, probe_actor: Any = None, on_report: Any
     except Exception as err:  # the same one-line path as a failed Ray Train run (fit_and_probe)
         import traceback
 
-        traceback.print_exc(file=sys.stderr)
-        error = f"{err.__class__.__name__}: {err}"
-    return RunResult(handle, session.last_metrics, session.last_checkpoint, error=error)
+        console = progress.current_session()  # the CLI's: the traceback goes to the run's log, as a worker's does
+        traceback.print_exc(file=console.log if console else sys.stderr)
+        return f"{err.__class__.__name__}: {err}"
+    return None
 
 
 # what Ray Train 2.60's fit() raises when the run fails (the workers' errors are in its text)

@@ -159,8 +159,8 @@ class Resources(_Strict):
     use_gpu: bool = False
     in_process: bool | None = None
     """Train each trial inside its Tune trial process (no Ray Train worker group): None (auto)
-    when every trial is one CPU worker on the torch engine, false to always use Ray Train (its
-    run.max_failures restarts inside a trial), true to require it."""
+    when every trial is one CPU worker on the torch engine, false to always use Ray Train, true to
+    require it. run.max_failures restarts a failed worker from the newest checkpoint either way."""
 
 
 class SweepSpec(_Strict):

@@ -16,8 +16,8 @@ sweeps and `reproduce synthetic`) trains inside the trial function instead
 worker's CPUs itself, its probes run on a thread of that process (probes.actor.LocalProbe,
 unless probe.actor_* asks for resources of their own), Tune reuses the warm trial processes for
 the next trials, and a stop ends the loop at its next step or report. Same checkpoints, child
-runs, probe figures, ledger and resume; what it saves is the Train controller, worker group and
-probe actor each trial started for seconds of steps.
+runs, probe figures, ledger, resume and run.max_failures restarts; what it saves is the Train
+controller, worker group and probe actor each trial started for seconds of steps.
 
 Folders. <storage>/<sweep name>/ holds Tune's experiment state beside what tune.folder owns: the
 state file (parent MLflow run id, the plan's fingerprint), plan.json, runs/<trial key>/ (each

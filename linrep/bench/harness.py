@@ -430,7 +430,8 @@ def ray_train_throughput(ctx: BenchContext, uri: str, source: str, overrides: li
     from trainer.config import load_config
     from trainer.tracking import metric_points
 
-    cfg = load_config(source, [*run_overrides(ctx, uri, label), *overrides])
+    # these benchmarks measure Ray Train (a worker group, a probe actor): never the in-process path
+    cfg = load_config(source, [*run_overrides(ctx, uri, label), "run.in_process=false", *overrides])
     t0 = time.time()
     out = train_and_probe(cfg)
     wall = time.time() - t0
