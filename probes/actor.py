@@ -245,40 +245,104 @@ def start_probe_actor(tracking_uri: str | None, run_id: str | None, cfg: Config,
                                       cfg.tracking.outage_wait_s)
 
 
+class ProbesLost(Exception):
+    """A run's probes ended before every due checkpoint was probed; the text says why."""
+
+
+class ActorProbes:
+    """A run's probe actor behind the probe interface that the training loop and probes.pipeline
+    use (`submit`, `latest`, `drain`, `close`; LocalProbe is the other one), so neither holds a
+    Ray handle. Picklable: Ray Train hands it to its workers (the handle travels, a poll does not)."""
+
+    def __init__(self, actor: Any):
+        self.actor = actor
+        self._pending: Any = None
+        self._latest: dict[str, float] = {}
+
+    def __getstate__(self) -> dict:
+        return {"actor": self.actor}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["actor"])
+
+    def submit(self, path: str, step: int) -> None:
+        self.actor.probe.remote(path, step)
+
+    def latest(self) -> dict[str, float]:
+        """The actor's newest figures as of the last answer; never waits (one question in flight)."""
+        import ray
+
+        if self._pending is None:
+            self._pending = self.actor.latest.remote()
+        ready, _ = ray.wait([self._pending], timeout=0)
+        if ready:
+            try:
+                self._latest = ray.get(ready[0]) or self._latest
+            except Exception:  # a restarting actor: the figures known so far stand
+                pass
+            self._pending = None
+        return self._latest
+
+    def drain(self, timeout_s: float, unprobed: Callable[[], list[tuple[int, Path]]]) -> dict[int, dict[str, float]]:
+        """Every due checkpoint probed (`unprobed()` lists those the attempts ledger still lacks),
+        waited for at most timeout_s; ProbesLost past it or when the actor is gone for good."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                # A probe call dies with its caller: a Train worker that finished (or died) while the
+                # actor was restarting takes its queued calls with it. Ask again, from the driver; done
+                # steps are skipped. Calls Ray retries after a restart may run after the drain (seen:
+                # the drain came back empty, the last checkpoint's probe ran after it), so drain until
+                # the attempts ledger has every due checkpoint done or failed.
+                for step, path in unprobed():
+                    self.submit(str(path), step)
+                results = ray.get(self.actor.drain.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                if not unprobed():
+                    return results
+                if time.monotonic() >= deadline:
+                    raise ray.exceptions.GetTimeoutError("drain")
+        except ray.exceptions.GetTimeoutError:
+            raise ProbesLost(f"still probing after probe.drain_timeout_s={timeout_s:g} s") from None
+        except ray.exceptions.RayError as err:
+            raise ProbesLost(f"the probe actor failed ({err.__class__.__name__})") from None
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
+
+
 class LocalProbe:
-    """The probe actor's work on one background thread of this process: what an in-process sweep
-    trial (tune/sweep.py) uses instead of a probe actor, so a short trial does not start one more
-    process (~3 s of imports on a core its neighbour trains on). Probes run in order while training
-    goes on, with the same ledger, logging and retention as the actor's; a failed probe is reported,
-    never raised. It offers what the training loop calls on an actor handle (`probe.remote(path,
-    step)`), `latest_now()` for the loop's progress, and `drain(timeout)` / `close()` for the end."""
+    """The probe actor's work on one background thread of this process, for a run trained in this
+    process (`linrep train` on this machine, an in-process sweep trial) instead of a probe actor:
+    a short run does not start one more process (~3 s of imports on a core that trains). Probes run
+    in order while training goes on, with the same ledger, logging and retention as the actor's; a
+    failed probe is reported, never raised. Same interface as ActorProbes."""
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, cfg: Config):
         from concurrent.futures import ThreadPoolExecutor
 
         self.impl = _ProbeActor(tracking_uri, run_id, 0, cfg.probe.max_attempts, cfg.tracking.outage_wait_s)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="linrep-probe")
-        self.probe = _Submit(self)
 
     def submit(self, path: str, step: int) -> None:
         self.pool.submit(self.impl.probe, path, step)
 
-    def latest_now(self) -> dict[str, float]:
+    def latest(self) -> dict[str, float]:
         return self.impl.latest()
 
-    def drain(self, timeout_s: float) -> dict[int, dict[str, float]]:
-        """Every probe queued before this call, then the logger closed; TimeoutError past timeout_s."""
-        return self.pool.submit(self.impl.drain).result(timeout=timeout_s)
+    def drain(self, timeout_s: float, unprobed: Callable[[], list[tuple[int, Path]]] | None = None
+              ) -> dict[int, dict[str, float]]:
+        """Every probe queued before this call, then the logger closed; ProbesLost past timeout_s.
+        (In this process no queued call is lost with its caller: `unprobed` is not needed.)"""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        try:
+            return self.pool.submit(self.impl.drain).result(timeout=timeout_s)
+        except FutureTimeout:
+            raise ProbesLost(f"still probing after probe.drain_timeout_s={timeout_s:g} s") from None
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _Submit:
-    """`probe.remote(path, step)`, as on an actor handle."""
-
-    def __init__(self, owner: LocalProbe):
-        self.owner = owner
-
-    def remote(self, path: str, step: int) -> None:
-        self.owner.submit(path, step)

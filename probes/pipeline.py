@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from probes.actor import BEST_METRIC, LocalProbe, probe_checkpoint, probe_family, start_probe_actor
+from probes.actor import (BEST_METRIC, ActorProbes, LocalProbe, ProbesLost, probe_checkpoint, probe_family,
+                          start_probe_actor)
 from trainer import model_logging, progress, tracking
 from trainer.checkpoint import list_checkpoints, read_meta
 from trainer.config import Config
 from trainer.errors import RuntimeFault, UserError
 from trainer.run import (RunHandle, check_cluster, check_files_and_store, check_fits_here, check_ray_address, fit,
-                         fit_in_process, init_ray, resume_hint, prepare_run, trains_here)
+                         fit_in_process, init_ray, probes_need_ray, resume_hint, prepare_run, trains_here)
 from trainer.storage import Location, locate
 
 RUN_DIR_TAG = "linrep.run_dir"
@@ -52,7 +53,7 @@ def train_and_probe(cfg: Config, *, address: str | None = None, parent_run_id: s
 
 
 def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_process: dict | None = None) -> Outcome:
-    """fit() with a probe actor beside it; ends the MLflow run FINISHED or FAILED.
+    """fit() with the run's probes beside it (start_probes); ends the MLflow run FINISHED or FAILED.
 
     in_process: train in this process instead (trainer.run.fit_in_process; its on_report and stop
     keywords), as a sweep's one-worker trial does."""
@@ -64,17 +65,17 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_proces
         except Exception as err:
             print(f"warning: the dataset of MLflow run {handle.run_id} was not logged: "
                   f"{err.__class__.__name__}: {str(err)[:200]}", file=sys.stderr, flush=True)
-    actor = start_probes(handle, in_process=in_process is not None) if cfg.probe.enabled else None
-    if actor is not None:
-        queue_unprobed(handle, actor)
+    probes = start_probes(handle, in_process=in_process is not None) if cfg.probe.enabled else None
+    if probes is not None:
+        queue_unprobed(handle, probes)
     status = "FAILED"
     try:
-        result = (fit_in_process(handle, probe_actor=actor, **in_process) if in_process is not None
-                  else fit(handle, probe_actor=actor, callbacks=callbacks))
+        result = (fit_in_process(handle, probes=probes, **in_process) if in_process is not None
+                  else fit(handle, probes=probes, callbacks=callbacks))
         if result.error:
             cause = root_cause(result.error)
             raise RuntimeFault(f"training run {handle.run_key} failed: {cause}{resume_hint(handle.run_dir, cause)}")
-        history = drain_probes(actor, handle) if actor else {}
+        history = drain_probes(probes, handle) if probes else {}
         publish_run(handle)
         status = "FINISHED"
     finally:
@@ -84,12 +85,8 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_proces
             except Exception as err:  # a tracking outage must not hide the training outcome
                 print(f"warning: could not mark MLflow run {handle.run_id} {status}: {err.__class__.__name__}",
                       file=sys.stderr)
-        if isinstance(actor, LocalProbe):
-            actor.close()
-        elif actor is not None:
-            import ray
-
-            ray.kill(actor)
+        if probes is not None:
+            probes.close()
     final = dict(history[max(history)]) if history else {}
     if not final and handle.run_id:  # a rerun of a finished run: figures are already in MLflow
         try:
@@ -100,13 +97,12 @@ def fit_and_probe(handle: RunHandle, *, callbacks: list | None = None, in_proces
     return Outcome(handle.run_key, handle.run_id, handle.tracking_uri, handle.run_dir, final, history)
 
 
-def start_probes(handle: RunHandle, *, in_process: bool):
-    """The run's probe actor; for a run trained in this process, its probes on a thread here
-    instead (probes.actor.LocalProbe), unless probe.actor_* asks for resources of their own."""
-    probe = handle.cfg.probe
-    if in_process and not (probe.actor_cpus or probe.actor_gpus or probe.actor_resources):
+def start_probes(handle: RunHandle, *, in_process: bool) -> ActorProbes | LocalProbe:
+    """The run's probes: its probe actor (ActorProbes), or, for a run trained in this process, a
+    thread here (LocalProbe), unless probe.actor_* asks for resources of their own."""
+    if in_process and not probes_need_ray(handle.cfg):
         return LocalProbe(handle.tracking_uri, handle.run_id, handle.cfg)
-    return start_probe_actor(handle.tracking_uri, handle.run_id, handle.cfg)
+    return ActorProbes(start_probe_actor(handle.tracking_uri, handle.run_id, handle.cfg))
 
 
 def publish_run(handle: RunHandle) -> None:
@@ -133,37 +129,14 @@ def publish_outputs(uri: str, run_id: str, run_dir: Location, cfg: Config, *, mo
               f"{err.__class__.__name__}: {str(err)[:200]}", file=sys.stderr, flush=True)
 
 
-def drain_probes(actor, handle: RunHandle) -> dict[int, dict[str, float]]:
+def drain_probes(probes, handle: RunHandle) -> dict[int, dict[str, float]]:
     """The probes still queued, waited for at most probe.drain_timeout_s; past it (a probe that
-    hangs), one warning line names the checkpoints left unprobed and the run finishes anyway."""
-    timeout = handle.cfg.probe.drain_timeout_s
-    if isinstance(actor, LocalProbe):  # in this process: nothing is lost with a caller
-        try:
-            return actor.drain(timeout)
-        except TimeoutError:
-            warn_unprobed(handle, f"still probing after probe.drain_timeout_s={timeout:g} s")
-            return {}
-    import ray
-
-    deadline = time.monotonic() + timeout
+    hangs, an actor gone for good), one warning line names the checkpoints left unprobed and the
+    run finishes anyway."""
     try:
-        while True:
-            # A probe call dies with its caller: a Train worker that finished (or died) while the
-            # actor was restarting takes its queued calls with it. Ask again, from the driver; done
-            # steps are skipped. Calls Ray retries after a restart may run after the drain (seen:
-            # the drain came back empty, the last checkpoint's probe ran after it), so drain until
-            # the attempts ledger has every due checkpoint done or failed.
-            for step, path in unprobed(handle):
-                actor.probe.remote(str(path), step)
-            results = ray.get(actor.drain.remote(), timeout=max(1.0, deadline - time.monotonic()))
-            if not unprobed(handle):
-                return results
-            if time.monotonic() >= deadline:
-                raise ray.exceptions.GetTimeoutError("drain")
-    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
-        timed_out = isinstance(err, ray.exceptions.GetTimeoutError)
-        warn_unprobed(handle, f"still probing after probe.drain_timeout_s={timeout:g} s" if timed_out
-                      else f"the probe actor failed ({err.__class__.__name__})")
+        return probes.drain(handle.cfg.probe.drain_timeout_s, lambda: unprobed(handle))
+    except ProbesLost as err:
+        warn_unprobed(handle, str(err))
         return {}
 
 
@@ -203,7 +176,7 @@ def root_cause(error: str) -> str:
     return (errors[-1] if errors else lines[0] if lines else "unknown error")[:300]
 
 
-def queue_unprobed(handle: RunHandle, actor) -> list[int]:
+def queue_unprobed(handle: RunHandle, probes) -> list[int]:
     """On resume: probe the checkpoints a killed driver left unprobed (training goes on meanwhile)."""
     probed = set()
     if handle.run_id:
@@ -212,7 +185,7 @@ def queue_unprobed(handle: RunHandle, actor) -> list[int]:
     for path in list_checkpoints(handle.run_dir):
         step = read_meta(path)["step"]
         if step not in probed:
-            actor.probe.remote(str(path), step)
+            probes.submit(str(path), step)
             queued.append(step)
     return queued
 

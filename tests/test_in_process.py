@@ -125,7 +125,7 @@ def test_probes_on_a_thread_of_the_training_process_probe_every_due_checkpoint(t
     probe = start_probes(handle, in_process=True)
     assert isinstance(probe, LocalProbe)
     try:
-        assert fit_in_process(handle, probe_actor=probe).error is None
+        assert fit_in_process(handle, probes=probe).error is None
         results = probe.drain(timeout_s=120)
     finally:
         probe.close()

@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from probes.attempts import read_ledger
 from tests.conftest import LINREP
 from tests.test_reliability import SMALL, make_checkpoint, metric_steps, only_run
 from trainer.config import load_config
+from trainer.storage import locate
 
 
 def kill_every_attempt(run_dir: Path, step: int, attempts: int, driver: int, stop: threading.Event) -> list[int]:
@@ -68,8 +70,11 @@ def test_a_probe_that_always_kills_its_actor_is_recorded_and_the_run_finishes(tm
     assert metric_steps(uri, run.info.run_id, "probe/r2_affine") == [200]  # the next checkpoint probed, once
 
 
-def test_the_drain_is_bounded_and_names_what_was_not_probed(tmp_path, ray_local, sqlite_uri, capfd):
-    from probes.actor import start_probe_actor
+@pytest.mark.parametrize("where", ["actor", "thread"])
+def test_the_drain_is_bounded_and_names_what_was_not_probed(tmp_path, ray_local, sqlite_uri, capfd, where):
+    """Both kinds of probes (a probe actor; a thread of the training process, probes.actor.LocalProbe)
+    end their drain at probe.drain_timeout_s with one warning line naming the steps not probed."""
+    from probes.actor import ActorProbes, LocalProbe, start_probe_actor
     from probes.pipeline import drain_probes
     from trainer.run import RunHandle
     from trainer.tracking import open_run
@@ -81,13 +86,14 @@ def test_the_drain_is_bounded_and_names_what_was_not_probed(tmp_path, ray_local,
     run_dir = tmp_path / "run"
     for step in (100, 200):
         make_checkpoint(cfg, run_dir / f"checkpoint_{step:08d}", step)
-    actor = start_probe_actor(sqlite_uri, run_id, cfg)
+    probes = (ActorProbes(start_probe_actor(sqlite_uri, run_id, cfg)) if where == "actor"
+              else LocalProbe(sqlite_uri, run_id, cfg))
     for step in (100, 200):
-        actor.probe.remote(str(run_dir / f"checkpoint_{step:08d}"), step)
+        probes.submit(str(run_dir / f"checkpoint_{step:08d}"), step)
     t0 = time.perf_counter()
-    history = drain_probes(actor, RunHandle(cfg, "drain", run_dir, sqlite_uri, run_id))
+    history = drain_probes(probes, RunHandle(cfg, "drain", locate(run_dir), sqlite_uri, run_id))
     waited = time.perf_counter() - t0
-    ray_local.kill(actor)
+    probes.close()
     assert history == {} and waited < 10
     lines = [l for l in capfd.readouterr().err.splitlines() if "checkpoints not probed" in l]
     assert len(lines) == 1 and "probe.drain_timeout_s=1" in lines[0] and "steps 100, 200" in lines[0], lines

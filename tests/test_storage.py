@@ -168,9 +168,11 @@ TINY = ["train", "synthetic-supervised", "run.workers=1", "run.checkpoint_every=
 
 
 def test_train_resume_retention_and_probe_through_a_bucket(bucket, tmp_path):
-    """run.storage=s3://...: checkpoints land complete in the bucket, the probe actor reads them
-    from there (figures in MLflow), retention prunes in the bucket, a rerun resumes from the
-    bucket's latest checkpoint, and `linrep probe RUN_ID` probes from the bucket."""
+    """run.storage=s3://...: checkpoints land complete in the bucket, the probes read them from
+    there (figures in MLflow), retention prunes in the bucket, a rerun resumes from the bucket's
+    latest checkpoint, and `linrep probe RUN_ID` probes from the bucket. The first run trains in the
+    command's process (run.in_process, its default here), the rerun through Ray Train and a probe
+    actor: both write the bucket, and either resumes what the other wrote."""
     from mlflow.tracking import MlflowClient
 
     from tests.conftest import run_linrep
@@ -180,14 +182,16 @@ def test_train_resume_retention_and_probe_through_a_bucket(bucket, tmp_path):
     out = run_linrep([*TINY, "optim.steps=100", f"run.storage={storage}"], cwd=tmp_path, timeout=600)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
+    assert "training in this process" in log
     assert not (tmp_path / "s3:").exists() and "linrep-test-secret" not in log
     run_dir = locate(storage) / "s3run"
     assert f"checkpoints: {run_dir}" in log
 
-    out = run_linrep([*TINY, "optim.steps=150", f"run.storage={storage}"], cwd=tmp_path, timeout=600)
+    out = run_linrep([*TINY, "optim.steps=150", f"run.storage={storage}", "run.in_process=false"], cwd=tmp_path,
+                     timeout=600)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
-    assert "resumed from step 100" in log
+    assert "resumed from step 100" in log and "training in this process" not in log
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])

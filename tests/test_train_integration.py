@@ -172,7 +172,7 @@ def test_a_checkpoint_persisted_but_never_recorded_by_the_controller_is_the_resu
     steps, every, log = 200, 20, 10
     args = ["train", "synthetic-supervised", f"optim.steps={steps}", "run.workers=1", f"run.checkpoint_every={every}",
             f"run.log_every={log}", "probe.samples=1024", "data.generator_pool=1000", "model.hidden=[32,32]",
-            "optim.warmup_steps=5", "run.name=window"]
+            "optim.warmup_steps=5", "run.name=window", "run.in_process=false"]  # the Train controller is the point
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run_dir = tmp_path / "ray_results" / "window"
     proc = subprocess.Popen([*LINREP, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,

@@ -42,7 +42,8 @@ class LoopContext:
     run_dir: str                 # this run's storage folder: absolute path or URI (checkpoint_* live here)
     tracking_uri: str | None     # None: no MLflow logging
     run_id: str | None
-    probe_actor: Any = None      # a Ray actor handle with .probe.remote(path, step) (or a LocalProbe), or None
+    probes: Any = None           # the run's probes (submit(path, step), latest(): probes.actor.ActorProbes or
+                                 # LocalProbe), or None
     extra: dict = field(default_factory=dict)
 
 
@@ -173,9 +174,9 @@ def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: di
         has_files = any(Path(tmp).iterdir())
         session.report({**metrics, "step": step}, Path(tmp) if has_files else None, checkpoint_dir_name(step))
     nth = step // cfg.run.checkpoint_every
-    if rank == 0 and ctx.probe_actor is not None and (nth % cfg.probe.every == 0 or step == cfg.optim.steps):
-        ctx.probe_actor.probe.remote(str(locate(ctx.run_dir) / checkpoint_dir_name(step)), step)
-    elif rank == 0 and ctx.probe_actor is None:
+    if rank == 0 and ctx.probes is not None and (nth % cfg.probe.every == 0 or step == cfg.optim.steps):
+        ctx.probes.submit(str(locate(ctx.run_dir) / checkpoint_dir_name(step)), step)
+    elif rank == 0 and ctx.probes is None:
         retain_without_probes(ctx, cfg)
 
 
@@ -191,11 +192,10 @@ def retain_without_probes(ctx: LoopContext, cfg: Config) -> None:
 class Progress:
     """Rank 0's progress events: step, loss, accuracy, throughput and the latest probe figure."""
 
-    def __init__(self, cfg: Config, probe_actor: Any, run: str = ""):
+    def __init__(self, cfg: Config, probes: Any, run: str = ""):
         self.total = cfg.optim.steps
         self.run = run  # the run folder's name: a sweep's table has one row per run
-        self.actor = probe_actor
-        self.pending = None
+        self.probes = probes
         self.latest: dict[str, float] = {}
 
     def poll_latest(self) -> dict[str, float]:
@@ -203,22 +203,8 @@ class Progress:
         return self.latest
 
     def _poll_probe(self) -> None:
-        if self.actor is None:
-            return
-        if hasattr(self.actor, "latest_now"):  # probes on a thread of this process (probes.actor.LocalProbe)
-            self.latest = self.actor.latest_now() or self.latest
-            return
-        import ray
-
-        if self.pending is None:
-            self.pending = self.actor.latest.remote()
-        ready, _ = ray.wait([self.pending], timeout=0)
-        if ready:
-            try:
-                self.latest = ray.get(ready[0]) or self.latest
-            except Exception:
-                pass
-            self.pending = None
+        if self.probes is not None:  # never waits: the figures known so far when the answer is not in
+            self.latest = self.probes.latest() or self.latest
 
     def line(self, step: int, m: dict[str, float]) -> None:
         """One step event for the driver's display (trainer/progress.py renders it)."""
@@ -241,7 +227,7 @@ def stop_reached(stop_at: dict[str, float], figures: dict[str, float]) -> str:
 def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContext, session: Any,
           logger: MetricLogger | None) -> None:
     run, optim, rank = cfg.run, cfg.optim, session.rank
-    progress = Progress(cfg, ctx.probe_actor, locate(ctx.run_dir).name) if rank == 0 else None
+    progress = Progress(cfg, ctx.probes, locate(ctx.run_dir).name) if rank == 0 else None
     engine.train()
     loss_sum = acc_sum = 0.0
     n_since = 0

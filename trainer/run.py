@@ -223,14 +223,14 @@ def init_ray(address: str | None = None) -> None:
     console.capture_ray()
 
 
-def make_trainer(handle: RunHandle, probe_actor: Any = None, callbacks: list | None = None):
+def make_trainer(handle: RunHandle, probes: Any = None, callbacks: list | None = None):
     """The TorchTrainer for this run (also used inside Ray Tune trials)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     cfg = handle.cfg
     ctx = LoopContext(run_dir=str(handle.run_dir), tracking_uri=handle.tracking_uri, run_id=handle.run_id,
-                      probe_actor=probe_actor)
+                      probes=probes)
     resources = {"CPU": cfg.run.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
@@ -260,12 +260,12 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def fit(handle: RunHandle, *, probe_actor: Any = None, callbacks: list | None = None) -> RunResult:
+def fit(handle: RunHandle, *, probes: Any = None, callbacks: list | None = None) -> RunResult:
     """Run the TorchTrainer to the end (resuming if the run folder has checkpoints).
 
     callbacks: Ray Train callbacks, e.g. TuneReportCallback() when this runs inside a Tune trial.
     """
-    trainer = make_trainer(handle, probe_actor, callbacks)
+    trainer = make_trainer(handle, probes, callbacks)
     # Ray Train passes this variable from the driver to the controller it starts (here or on a cluster)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(handle.cfg.run.report_poll_s)
     console = progress.current_session()  # None inside a sweep's trial: the sweep's driver shows it
@@ -345,7 +345,7 @@ def check_fits_here(cfg: Config) -> None:
     cluster.require_fit(cluster.run_demand(cfg), [here])
 
 
-def fit_in_process(handle: RunHandle, *, probe_actor: Any = None, on_report: Any = None,
+def fit_in_process(handle: RunHandle, *, probes: Any = None, on_report: Any = None,
                    stop: Any = None) -> RunResult:
     """The run's one worker, trained in this process (`runs_in_process`): the same build -> train
     -> checkpoint code as a Ray Train worker, without a controller and worker group to start.
@@ -358,7 +358,7 @@ def fit_in_process(handle: RunHandle, *, probe_actor: Any = None, on_report: Any
     crash of the process itself ends the run (a rerun resumes it)."""
     cfg = handle.cfg
     ctx = LoopContext(run_dir=str(handle.run_dir), tracking_uri=handle.tracking_uri, run_id=handle.run_id,
-                      probe_actor=probe_actor)
+                      probes=probes)
     session = InProcessSession(str(handle.run_dir), on_report=on_report, stop=stop)
     console = progress.current_session()  # the CLI's console; None in a sweep's trial process
     if console:

@@ -34,9 +34,9 @@ import sys
 import tarfile
 from dataclasses import dataclass, replace
 
-import numpy as np
 import pyarrow.fs as pafs
 
+from trainer.data.npy import NpyReader
 from trainer.data.shards import Manifest, ShardInfo, open_shard
 from trainer.data.tario import group_samples, tar_members
 from trainer.errors import RuntimeFault, UserError
@@ -100,25 +100,6 @@ def class_count(manifest: Manifest) -> tuple[int, str] | None:
     return (len(wnids), "the dataset's classes") if wnids else None
 
 
-_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-
-
-def read_npy(data: bytes) -> np.ndarray:
-    """A numeric .npy from bytes, read from its header without unpickling anything and without
-    trusting the shape it claims (ValueError for anything else, or for data cut short)."""
-    fh = io.BytesIO(data)
-    header = _NPY_HEADERS.get(np.lib.format.read_magic(fh))
-    if header is None:
-        raise ValueError("not a version 1 or 2 .npy header")
-    shape, fortran, dtype = header(fh)
-    if dtype.hasobject or dtype.kind not in "fiu":
-        raise ValueError(f"dtype {dtype} is not numeric")
-    count = int(np.prod(shape, dtype=np.int64))
-    if count * dtype.itemsize != len(data) - fh.tell():
-        raise ValueError(f"the header says {shape} of {dtype}, the data holds {len(data) - fh.tell()} bytes")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=fh.tell()).reshape(shape, order="F" if fortran else "C")
-
-
 class SampleRules:
     """The shard contract for one sample (trainer/data/shards.py), as one-line problems."""
 
@@ -128,7 +109,7 @@ class SampleRules:
         self.grids = {j: sorted(float(v) for v in f["values"]) for j, f in enumerate(manifest.factors)
                       if f["kind"] == "categorical"}
         self.classes = class_count(manifest)
-        self._npy: tuple[bytes, np.dtype, int] | None = None  # (header bytes, dtype, count) of a good one
+        self._npy = NpyReader()
 
     def problem(self, sample: dict) -> str | None:
         missing = [f for f in (self.image, "factors.npy", "cls") if f not in sample]
@@ -138,33 +119,20 @@ class SampleRules:
         return self._factors(sample["factors.npy"]) or self._cls(sample["cls"])
 
     def _factors(self, data: bytes) -> str | None:
-        values = self._same_header_values(data)
-        if values is None:
-            try:
-                values = read_npy(data)
-            except ValueError as err:
-                return f"factors.npy is not a numeric .npy array ({str(err).splitlines()[0][:80]})"
-            if values.dtype.kind not in "fiu" or values.ndim != 1:
-                return f"factors.npy is a {values.dtype} array of shape {values.shape}, expected a 1-D float vector"
-            if len(values) != len(self.names):
-                return (f"factors.npy holds {len(values)} values, manifest.json lists {len(self.names)} factors "
-                        f"({', '.join(self.names) or 'none'})")
-            self._npy = (data[:len(data) - values.nbytes], values.dtype, len(values))
+        try:
+            values = self._npy.read(data)
+        except ValueError as err:
+            return f"factors.npy is not a numeric .npy array ({str(err).splitlines()[0][:80]})"
+        if values.ndim != 1:
+            return f"factors.npy is a {values.dtype} array of shape {values.shape}, expected a 1-D float vector"
+        if len(values) != len(self.names):
+            return (f"factors.npy holds {len(values)} values, manifest.json lists {len(self.names)} factors "
+                    f"({', '.join(self.names) or 'none'})")
         row = values.tolist()
         for j, grid in self.grids.items():
             if not on_grid(row[j], grid):
                 return f"factor {self.names[j]}={row[j]:g} is not one of its {len(grid)} values in manifest.json"
         return None
-
-    def _same_header_values(self, data: bytes) -> np.ndarray | None:
-        """The values of a .npy whose header is byte for byte a header already checked (every sample
-        of a converted shard): parsing each header took ~50 us a sample, most of a split's check."""
-        if self._npy is None:
-            return None
-        header, dtype, count = self._npy
-        if len(data) != len(header) + count * dtype.itemsize or not data.startswith(header):
-            return None
-        return np.frombuffer(data, dtype=dtype, count=count, offset=len(header))
 
     def _cls(self, data: bytes) -> str | None:
         text = data.decode("ascii", "replace").strip()

@@ -39,6 +39,7 @@ from torchvision.transforms import ColorJitter, InterpolationMode
 from torchvision.transforms.v2.functional import resized_crop
 
 from trainer.config import DataConfig
+from trainer.data.npy import NpyReader
 from trainer.data.shards import Manifest, open_shard, shard_urls
 from trainer.data.tario import group_samples, tar_members
 from trainer.storage import Location, locate
@@ -195,7 +196,7 @@ class SampleDecoder:
         self.size = image_size
         self.transform = transform
         self.num_factors = len(manifest.factors)
-        self._npy_header: tuple[bytes, np.dtype, int] | None = None
+        self._npy = NpyReader()
 
     def image(self, data: bytes) -> torch.Tensor:
         if isinstance(self.transform, JpegRandomResizedCrop):
@@ -214,13 +215,7 @@ class SampleDecoder:
 
     def factors(self, data: bytes) -> torch.Tensor:
         """factors.npy -> float32 [F]; the header (same for every sample of a dataset) is parsed once."""
-        cached = self._npy_header  # (header bytes, dtype, whole file length)
-        if cached is not None and len(data) == cached[2] and data.startswith(cached[0]):
-            arr = np.frombuffer(data, dtype=cached[1], offset=len(cached[0]))
-        else:
-            arr = np.load(io.BytesIO(data), allow_pickle=False)
-            if arr.dtype.kind in "fiu" and arr.flags.c_contiguous and len(data) > arr.nbytes:
-                self._npy_header = (data[:len(data) - arr.nbytes], arr.dtype, len(data))
+        arr = self._npy.read(data)  # ValueError for anything but a numeric .npy: a bad sample
         if arr.size != self.num_factors:  # a batch of unequal vectors would not stack
             raise ValueError(f"factors.npy holds {arr.size} values, manifest.json lists {self.num_factors} factors")
         return torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(-1).copy())
