@@ -16,6 +16,7 @@ PYTEST_ARGS ?=
 .PHONY: install lock system-deps run test test-fast ui bench gpu-check clean
 
 $(STAMP): pyproject.toml $(LOCK)
+	@test -x $(PY) || bash scripts/disk-room.sh $(VENV)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)

@@ -239,6 +239,21 @@ def test_dockerfile_mirrors_the_makefile_install():
     assert "pyproject.toml" in copied
 
 
+@pytest.mark.parametrize("need_gb, ok", [(0, True), (10**6, False)])
+def test_a_fresh_install_without_room_for_the_venv_stops_in_one_line(tmp_path, need_gb, ok):
+    """`make` checks the disk before it creates .venv (scripts/disk-room.sh): torch's CUDA wheels
+    fill ~7 GB, and a disk that fills half-way through pip leaves a broken venv."""
+    venv = tmp_path / "not" / "yet" / ".venv"  # the folders above it do not exist either
+    out = subprocess.run(["bash", str(REPO / "scripts" / "disk-room.sh"), str(venv), str(need_gb)],
+                         capture_output=True, text=True, timeout=30)
+    assert (out.returncode == 0) is ok and out.stdout == ""
+    if not ok:
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"not enough disk for {venv}" in lines[0] and f"~{need_gb} GB" in lines[0], lines
+    make = (REPO / "Makefile").read_text()
+    assert make.index("disk-room.sh $(VENV)") < make.index("-m venv $(VENV)")
+
+
 def test_dockerignore_keeps_the_context_to_the_project():
     ignored = {l.strip().strip("/") for l in (INFRA / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
                if l.strip() and not l.startswith("#")}
