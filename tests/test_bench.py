@@ -183,6 +183,29 @@ def test_quick_scaling_without_ray_writes_json_logs_mlflow_and_ends_with_the_rat
     assert not (tmp_path / "README.md").exists()  # --quick never rewrites a README
 
 
+def test_the_sweep_benchmark_reads_trial_times_through_the_ledgers(tmp_path):
+    """trial_walls / trials_span come from tune.folder's ledgers (every attempt of every trial)."""
+    from linrep.bench.sweep import trial_walls, trials_span
+    from tune.folder import TrialLedger, trial_attempts
+
+    assert trial_attempts(tmp_path) == {} and np.isnan(trials_span(tmp_path))
+    times = iter([100.0, 103.0, 110.0, 112.0, 101.0, 106.0])  # a: two attempts (3 s + 2 s), b: one (5 s)
+    for key in ("a", "a", "b"):
+        ledger = TrialLedger(tmp_path, key)
+        ledger.start(None, 0)
+        d = ledger.read()
+        d["attempts"][-1]["start"] = next(times)
+        ledger.path.write_json(d)
+        ledger.end("finished")
+        d = ledger.read()
+        d["attempts"][-1]["end"] = next(times)
+        ledger.path.write_json(d)
+    TrialLedger(tmp_path, "c").mark_stopped()  # a marker file, not a ledger
+    assert sorted(trial_attempts(tmp_path)) == ["a", "b"]
+    assert sorted(trial_walls(tmp_path)) == [5.0, 5.0]
+    assert trials_span(tmp_path) == 12.0
+
+
 @pytest.mark.slow
 def test_every_benchmark_quick_through_the_cli(tmp_path, shared_ray):
     """All six with --quick: real Ray Train runs, real shards, a real Ray Tune sweep (minutes)."""

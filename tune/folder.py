@@ -110,6 +110,14 @@ class TrialLedger:
         return self.folder / f"{self.key}.stop"
 
 
+def trial_attempts(sweep_dir: Folder) -> dict[str, list[dict[str, Any]]]:
+    """Every trial's attempts ({start, end, status, pid, resume_step}), by trial key, from the
+    ledgers in the sweep folder (trials not started yet have none)."""
+    folder = locate(sweep_dir) / TRIALS_DIR
+    keys = sorted(name[:-len(".json")] for name in folder.files() if name.endswith(".json") and "/" not in name)
+    return {key: TrialLedger(sweep_dir, key).read().get("attempts", []) for key in keys}
+
+
 def ledger_counts(sweep_dir: Folder, keys: list[str]) -> dict[str, int]:
     """How many of the trials `keys` are in each status (pending: no ledger yet)."""
     counts: dict[str, int] = {}

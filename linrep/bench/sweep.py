@@ -24,7 +24,6 @@ steps (`--seeds 1 --budget 0.1`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -124,18 +123,18 @@ def floor_seconds(configs: list[tuple[str, dict]]) -> dict[str, dict[str, float]
 
 def trial_walls(sweep_dir: Path) -> list[float]:
     """Seconds from start to end of each trial's attempts, from the sweep folder's trial ledgers."""
-    walls = []
-    for path in sorted((sweep_dir / "trials").glob("*.json")):
-        attempts = json.loads(path.read_text()).get("attempts", [])
-        walls.append(sum(a["end"] - a["start"] for a in attempts if a.get("end") and a.get("start")))
-    return walls
+    from tune.folder import trial_attempts
+
+    return [sum(a["end"] - a["start"] for a in attempts if a.get("end") and a.get("start"))
+            for attempts in trial_attempts(sweep_dir).values()]
 
 
 def trials_span(sweep_dir: Path) -> float:
     """Seconds from the first trial's start to the last trial's end (the sweep without the CLI's
     interpreter, Ray start and summary), from the trial ledgers; nan without ledgers."""
-    attempts = [a for path in (sweep_dir / "trials").glob("*.json")
-                for a in json.loads(path.read_text()).get("attempts", []) if a.get("start") and a.get("end")]
+    from tune.folder import trial_attempts
+
+    attempts = [a for trial in trial_attempts(sweep_dir).values() for a in trial if a.get("start") and a.get("end")]
     return max(a["end"] for a in attempts) - min(a["start"] for a in attempts) if attempts else float("nan")
 
 
