@@ -3,11 +3,11 @@
 # CUDA build whose NVIDIA wheels make .venv ~6.8 GB (measured on 2026-12-04: 6.8 GB, 3.2 GB of it
 # nvidia/*); a disk that fills half-way through pip leaves a broken venv and an OSError deep in
 # pip's output (a CI run failed that way). Stops with one line and exit status 1 when the
-# filesystem that will hold the venv has less than NEED_GB free.
+# filesystem that will hold the venv has less than NEED_GB (default 7) free.
 #   usage: scripts/disk-room.sh VENV_DIR [NEED_GB]
 set -euo pipefail
 venv="${1:?usage: disk-room.sh VENV_DIR [NEED_GB]}"
-need_gb="${2:-8}"
+need_gb="${2:-7}"
 dir="$venv"
 while [[ ! -d "$dir" ]]; do dir="$(dirname "$dir")"; done   # the venv may not exist yet
 free_kb="$(df -Pk "$dir" | awk 'NR==2 {print $4}')"
