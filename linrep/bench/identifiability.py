@@ -237,7 +237,9 @@ def run_linrep(ctx: BenchContext, setup: IdentSetup, uri: str) -> dict[str, Any]
     """`linrep train synthetic-fast` in a subprocess; probe times from the run's MLflow history."""
     overrides = [*run_overrides(ctx, uri, "identifiability"), *setup.linrep_overrides]
     log_path = ctx.cache / "identifiability-linrep.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # as a user runs it on a machine of its own (no cluster: the run trains in its own process),
+    # whatever Ray the benchmark itself was given
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
     cmd = [sys.executable, "-m", "linrep", "train", setup.preset, *overrides]
     t_launch = time.time()
     with open(log_path, "w") as log:
