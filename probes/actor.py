@@ -302,11 +302,12 @@ class ActorProbes:
                 if not unprobed():
                     return results
                 if time.monotonic() >= deadline:
-                    raise ray.exceptions.GetTimeoutError("drain")
+                    break
         except ray.exceptions.GetTimeoutError:
-            raise ProbesLost(f"still probing after probe.drain_timeout_s={timeout_s:g} s") from None
+            pass
         except ray.exceptions.RayError as err:
             raise ProbesLost(f"the probe actor failed ({err.__class__.__name__})") from None
+        raise ProbesLost(f"still probing after probe.drain_timeout_s={timeout_s:g} s")
 
     def close(self) -> None:
         import ray

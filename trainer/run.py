@@ -268,11 +268,8 @@ def fit(handle: RunHandle, *, probes: Any = None, callbacks: list | None = None)
     trainer = make_trainer(handle, probes, callbacks)
     # Ray Train passes this variable from the driver to the controller it starts (here or on a cluster)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(handle.cfg.run.report_poll_s)
-    console = progress.current_session()  # None inside a sweep's trial: the sweep's driver shows it
-    if console:
-        console.attach_run(handle.run_dir)
-    failed, result = True, None
-    try:
+    result = None
+    with run_console(handle) as outcome:
         try:
             result = trainer.fit()
             err = getattr(result, "error", None)
@@ -280,14 +277,27 @@ def fit(handle: RunHandle, *, probes: Any = None, callbacks: list | None = None)
             if raised.__class__.__name__ not in TRAIN_FAILURES:
                 raise
             err = raised
-        failed = err is not None
-    finally:
-        if console:
-            console.end_run(failed)
-            save_log(handle, console.log.path)
+        outcome["failed"] = err is not None
     ckpt = result.checkpoint.path if result is not None and result.checkpoint else None
     metrics = dict(result.metrics or {}) if result is not None else {}
     return RunResult(handle, metrics, ckpt, error=str(err) if err else None)
+
+
+@contextmanager
+def run_console(handle: RunHandle) -> Iterator[dict[str, bool]]:
+    """The run's log on the CLI's console while it trains (none inside a sweep's trial: the sweep's
+    driver shows it): the run folder holds the log from now on; at the end the console gets its
+    path (and its tail when outcome["failed"], or when training raised) and MLflow a copy."""
+    console = progress.current_session()
+    if console:
+        console.attach_run(handle.run_dir)
+    outcome = {"failed": True}
+    try:
+        yield outcome
+    finally:
+        if console:
+            console.end_run(outcome["failed"])
+            save_log(handle, console.log.path)
 
 
 @contextmanager
@@ -360,21 +370,14 @@ def fit_in_process(handle: RunHandle, *, probes: Any = None, on_report: Any = No
     ctx = LoopContext(run_dir=str(handle.run_dir), tracking_uri=handle.tracking_uri, run_id=handle.run_id,
                       probes=probes)
     session = InProcessSession(str(handle.run_dir), on_report=on_report, stop=stop)
-    console = progress.current_session()  # the CLI's console; None in a sweep's trial process
-    if console:
-        console.attach_run(handle.run_dir)
-    error = None
-    try:
+    with run_console(handle) as outcome:
         for attempt in range(cfg.run.max_failures + 1):
             error = _train_attempt(cfg, ctx, session)
             if error is None or attempt == cfg.run.max_failures:
                 break
             progress.emit("note", text=f"the worker failed ({error[:160]}): restarting from the newest checkpoint "
                                        f"({attempt + 1}/{cfg.run.max_failures}, run.max_failures)")
-    finally:
-        if console:
-            console.end_run(error is not None)
-            save_log(handle, console.log.path)
+        outcome["failed"] = error is not None
     return RunResult(handle, session.last_metrics, session.last_checkpoint, error=error)
 
 

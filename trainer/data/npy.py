@@ -36,16 +36,16 @@ class NpyReader:
     (and whose length fits it) is read without parsing. Values come back as read-only views."""
 
     def __init__(self):
-        self._known: tuple[bytes, np.dtype, tuple[int, ...]] | None = None  # (header bytes, dtype, shape)
+        # (header bytes, dtype, shape, values count, whole file length) of the last good one
+        self._known: tuple[bytes, np.dtype, tuple[int, ...], int, int] | None = None
 
     def read(self, data: bytes) -> np.ndarray:
         known = self._known
         if known is not None:
-            header, dtype, shape = known
-            count = int(np.prod(shape, dtype=np.int64))
-            if len(data) == len(header) + count * dtype.itemsize and data.startswith(header):
+            header, dtype, shape, count, length = known
+            if len(data) == length and data.startswith(header):
                 return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape)
         values = read_npy(data)
         if values.flags.c_contiguous:  # a Fortran-order header keeps the parsed path
-            self._known = (data[:len(data) - values.nbytes], values.dtype, values.shape)
+            self._known = (data[:len(data) - values.nbytes], values.dtype, values.shape, values.size, len(data))
         return values
