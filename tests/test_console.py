@@ -78,3 +78,10 @@ def test_sweep_board_table_of_running_and_finished_trials():
     assert last[0] == "1 running, 1 finished" and "\x1b[" not in out.getvalue()
     assert "lr=0.01-s0  running   step 50/100" in last[1]
     assert "lr=0.1-s0   finished  step 100/100" in last[2] and "probe r2_affine 0.9500 @100" in last[2]
+    # a trial that ends before its last step (run.stop_at, a scheduler, a failure) leaves "running"
+    board({"kind": "trial_end", "run": "lr=0.01-s0", "status": "stopped"})
+    board({"kind": "trial_end", "run": "never-stepped", "status": "failed"})      # no row: nothing to end
+    last = out.getvalue().split("[sweep] trials: ")[-1].splitlines()
+    assert last[0] == "0 running, 1 finished, 1 stopped" and "lr=0.01-s0  stopped   step 50/100" in last[2]
+    board({**step, "run": "lr=0.01-s0", "step": 60})                              # resumed: running again
+    assert out.getvalue().split("[sweep] trials: ")[-1].splitlines()[0] == "1 running, 1 finished"

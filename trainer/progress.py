@@ -168,7 +168,8 @@ class BarDisplay(PlainDisplay):
 
 class SweepBoard:
     """A sweep's live table of trials, from their step events: one row per trial (running, or
-    finished once its last step is in). On a terminal the table is redrawn in place (at most twice a
+    finished once its last step is in; a trial_end event from the sweep ends a row that stopped
+    before its last step: run.stop_at, a scheduler, a failure). On a terminal the table is redrawn in place (at most twice a
     second); otherwise it is printed as plain lines every PLAIN_EVERY_S seconds. Trial events
     (started, finished with its figure, stopped early, failed) are the sweep's own lines."""
 
@@ -180,20 +181,30 @@ class SweepBoard:
         self.drawn_lines = 0
 
     def __call__(self, event: dict) -> None:
-        if event.get("kind") != "step" or not event.get("run"):
+        kind, run = event.get("kind"), event.get("run")
+        if kind == "trial_end" and run in self.rows:
+            self.rows[run] = {**self.rows[run], "ended": str(event.get("status") or "finished")}
+        elif kind == "step" and run:
+            self.rows[run] = event      # a later step (a resumed trial) is running again
+        else:
             return
-        self.rows[event["run"]] = event
         now = time.monotonic()
-        if now - self.last_draw >= self.every_s:
+        if now - self.last_draw >= self.every_s or kind == "trial_end":
             self.last_draw = now
             self.draw()
 
+    @staticmethod
+    def state(row: dict) -> str:
+        return row.get("ended") or ("finished" if row["step"] >= row["total"] else "running")
+
     def table(self) -> list[str]:
-        running = [r for r in self.rows.values() if r["step"] < r["total"]]
-        finished = [r for r in self.rows.values() if r["step"] >= r["total"]]
+        by_state: dict[str, list[dict]] = {"running": [], "finished": []}
+        for r in self.rows.values():
+            by_state.setdefault(self.state(r), []).append(r)
         width = max((len(r["run"]) for r in self.rows.values()), default=5)
-        lines = [f"[sweep] trials: {len(running)} running, {len(finished)} finished"]
-        for state, rows in (("running", running), ("finished", finished)):
+        lines = ["[sweep] trials: " + ", ".join(f"{len(rows)} {state}" for state, rows in by_state.items()
+                                                if rows or state in ("running", "finished"))]
+        for state, rows in by_state.items():
             for r in sorted(rows, key=lambda r: r["run"]):
                 probe = probe_text(r)
                 lines.append(f"  {r['run']:<{width}}  {state:<8}  step {r['step']}/{r['total']}  "

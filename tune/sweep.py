@@ -47,6 +47,7 @@ from trainer import cluster, ray_private, tracking
 from trainer.cluster import Demand, Node
 from trainer.errors import RuntimeFault, UserError
 from trainer.storage import Location, locate
+from trainer.progress import current_session
 from tune.folder import STATE_FILE, TERMINAL, TrialLedger, ledger_counts, read_state, write_plan, write_state
 from tune.spec import SweepPlan, Trial, build_plan, load_spec, trial_config
 from tune.summary import Summary, best_trial, publish_summary
@@ -289,6 +290,14 @@ def trial_name(trial) -> str:
     return str(trial.config["trial"])
 
 
+def trial_ended(name: str, status: str) -> None:
+    """Tell the console's sweep table (trainer.progress.SweepBoard) that a trial ended, whatever its
+    last step: one stopped by run.stop_at or a scheduler is not left "running"."""
+    session = current_session()
+    if session is not None:
+        session.on_event({"kind": "trial_end", "run": name, "status": status})
+
+
 def _tune_callback_class():
     from ray import tune
 
@@ -318,10 +327,12 @@ def _tune_callback_class():
                 d = ledger.read()
             value = d.get("final", {}).get(self.metric)
             shown = f"  {self.metric}={value:.4f}" if isinstance(value, (int, float)) else ""
+            trial_ended(trial_name(trial), d.get("status", "finished"))
             print(f"[sweep] {d.get('status', 'done')} {trial_name(trial)}{shown}  ({self._counts(trials, trial)})",
                   file=sys.stderr, flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            trial_ended(trial_name(trial), "failed")
             print(f"[sweep] FAILED {trial_name(trial)}  ({self._counts(trials, trial)})", file=sys.stderr, flush=True)
 
     return SweepProgress
