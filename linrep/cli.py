@@ -216,8 +216,10 @@ def cmd_sweep(args) -> int:
 
 def cmd_reproduce(args) -> int:
     if args.arm == "imagenetx":
-        if args.root is not None or args.set is not None:
-            raise UserError(f"{'--root' if args.root is not None else '--set'}: only for `linrep reproduce dislib`"
+        dislib_only = [flag for flag, value in (("--root", args.root), ("--models", args.models), ("--set", args.set))
+                       if value is not None]
+        if dislib_only:
+            raise UserError(f"{dislib_only[0]}: only for `linrep reproduce dislib`"
                             " (imagenetx takes --shards)")
         from tune.reproduce_imagenetx import reproduce_imagenetx_cli
 
@@ -230,7 +232,7 @@ def cmd_reproduce(args) -> int:
         from tune.reproduce_dislib import reproduce_dislib_cli
 
         return reproduce_dislib_cli(args)
-    for flag, value in (("--root", args.root), ("--set", args.set)):
+    for flag, value in (("--root", args.root), ("--models", args.models), ("--set", args.set)):
         if value is not None:
             raise UserError(f"{flag}: only for `linrep reproduce dislib`, not `reproduce {args.arm}`")
     from tune.reproduce import reproduce_cli
@@ -320,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--root", default=None,
                     help="dislib: folder with one shards folder per dataset (dsprites, shapes3d, mpi3d, cars3d, "
                          "smallnorb; dSprites rendered there when missing). Default ./data")
+    rp.add_argument("--models", default=None, metavar="mlp,cnn",
+                    help="dislib: the table's columns to run (default both; mlp alone on a CPU machine)")
     rp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="dislib, repeatable: a config override for every trial, e.g. run.use_gpu=true")
     rp.add_argument("--address", default=None)

@@ -283,6 +283,27 @@ class ActorProbes:
             self._pending = None
         return self._latest
 
+    def wait(self, timeout_s: float, stopping: Callable[[], bool] = lambda: False) -> dict[str, float]:
+        """run.stop_wait: the figures once every probe submitted before this call has run (the actor
+        answers its calls in order); the figures known so far past timeout_s, once `stopping()`, or
+        when the actor is restarting."""
+        import ray
+
+        answer = self.actor.latest.remote()
+        deadline = time.monotonic() + timeout_s
+        while not stopping():
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait([answer], timeout=max(0.0, min(1.0, left)))
+            if ready:
+                try:
+                    self._latest = ray.get(ready[0]) or self._latest
+                except Exception:  # a restarting actor: the figures known so far stand
+                    pass
+                break
+            if left <= 0:
+                break
+        return self._latest
+
     def drain(self, timeout_s: float, unprobed: Callable[[], list[tuple[int, Path]]]) -> dict[int, dict[str, float]]:
         """Every due checkpoint probed (`unprobed()` lists those the attempts ledger still lacks),
         waited for at most timeout_s; ProbesLost past it or when the actor is gone for good."""
@@ -332,6 +353,20 @@ class LocalProbe:
         self.pool.submit(self.impl.probe, path, step)
 
     def latest(self) -> dict[str, float]:
+        return self.impl.latest()
+
+    def wait(self, timeout_s: float, stopping: Callable[[], bool] = lambda: False) -> dict[str, float]:
+        """run.stop_wait: the figures once every probe queued before this call has run (one thread,
+        in order); the figures known so far past timeout_s or once `stopping()`."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        answer = self.pool.submit(self.impl.latest)
+        deadline = time.monotonic() + timeout_s
+        while not stopping() and time.monotonic() < deadline:
+            try:
+                return answer.result(timeout=max(0.01, min(1.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                continue
         return self.impl.latest()
 
     def drain(self, timeout_s: float, unprobed: Callable[[], list[tuple[int, Path]]] | None = None

@@ -360,6 +360,8 @@ GROUPS: dict[str, dict[str, Builder]] = {
         "reproduce root outside dislib": static(["reproduce", "synthetic", "--root", "data"], "--root"),
         "reproduce set outside dislib": static(["reproduce", "synthetic", "--set", "run.workers=2"], "--set"),
         "reproduce dislib set reserved": static(["reproduce", "dislib", "--set", "run.seed=1"], "run.seed"),
+        "reproduce dislib models unknown": static(["reproduce", "dislib", "--models", "mlp,vit"], "--models"),
+        "reproduce models outside dislib": static(["reproduce", "imagenetx", "--models", "mlp"], "--models"),
         "reproduce dislib root not writable": static(["reproduce", "dislib", "--root", "/proc/linrep-x"], "--root"),
         "bench unknown": static(["bench", "nosuch"], "nosuch"),
         "bench out unwritable": static(["bench", "identifiability", "--out", "/proc/linrep-x"], "--out"),

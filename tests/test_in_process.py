@@ -239,3 +239,33 @@ def test_linrep_train_in_its_own_process_matches_ray_train_to_the_weights(tmp_pa
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     here_m, ray_m = runs["here"][2].data.metrics, runs["ray"][2].data.metrics
     assert here_m["probe/r2_affine"] == pytest.approx(ray_m["probe/r2_affine"], abs=1e-4)
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_stop_wait_ends_the_run_at_the_checkpoint_whose_probe_reached_stop_at(tmp_path, wait):
+    """run.stop_wait: training waits for each checkpoint's probe, so a stop rule the first probe meets
+    ends the run at that first checkpoint. Without it the probe of a checkpoint is never in when that
+    checkpoint is reported, so the run goes on to at least the next one."""
+    from probes.actor import LocalProbe
+
+    cfg = load_config("synthetic-supervised", [*SMALL, "optim.steps=200", "probe.enabled=true", "probe.samples=512",
+                                               "run.stop_at={probe/r2_affine: -100.0}", f"run.stop_wait={wait}"])
+    probes = LocalProbe(None, None, cfg)
+    reports: list[dict] = []
+    try:
+        result = fit_in_process(RunHandle(cfg, "run", locate(tmp_path / "run"), None, None), probes=probes,
+                                on_report=reports.append)
+    finally:
+        probes.close()
+    assert result.error is None
+    steps = [r["step"] for r in reports]
+    assert steps == [20] if wait else steps[-1] > 20
+
+
+def test_stop_wait_needs_a_stop_rule():
+    with pytest.raises(Exception, match="run.stop_wait=true waits for probes to apply run.stop_at"):
+        load_config("synthetic-supervised", ["run.stop_wait=true"])
+    named = load_config("synthetic-supervised", []).run_name()
+    assert load_config("synthetic-supervised", ["run.stop_wait=false"]).run_name() == named   # names kept
+    assert load_config("synthetic-supervised", ["run.stop_at={probe/r2_affine: 0.9}", "run.stop_wait=true"]
+                       ).run_name() != load_config("synthetic-supervised", ["run.stop_at={probe/r2_affine: 0.9}"]).run_name()

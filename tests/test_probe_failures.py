@@ -97,3 +97,30 @@ def test_the_drain_is_bounded_and_names_what_was_not_probed(tmp_path, ray_local,
     assert history == {} and waited < 10
     lines = [l for l in capfd.readouterr().err.splitlines() if "checkpoints not probed" in l]
     assert len(lines) == 1 and "probe.drain_timeout_s=1" in lines[0] and "steps 100, 200" in lines[0], lines
+
+
+@pytest.mark.parametrize("where", ["actor", "thread"])
+def test_wait_returns_once_the_checkpoint_submitted_before_it_is_probed(tmp_path, ray_local, sqlite_uri, where):
+    """run.stop_wait's wait, on both kinds of probes: the figures of the checkpoint submitted just
+    before (calls are answered in order); at once, with the figures known so far, when stopping."""
+    from probes.actor import ActorProbes, LocalProbe, start_probe_actor
+    from trainer.tracking import open_run
+
+    cfg = load_config("synthetic-supervised", ["data.generator_pool=200", "probe.samples=2048",
+                                               "run.checkpoint_every=100", "optim.steps=200"])
+    run_id = open_run(cfg, sqlite_uri, "wait")
+    run_dir = tmp_path / "run"
+    for step in (100, 200):
+        make_checkpoint(cfg, run_dir / f"checkpoint_{step:08d}", step)
+    probes = (ActorProbes(start_probe_actor(sqlite_uri, run_id, cfg)) if where == "actor"
+              else LocalProbe(sqlite_uri, run_id, cfg))
+    try:
+        probes.submit(str(run_dir / "checkpoint_00000100"), 100)
+        first = probes.wait(300)
+        assert first["step"] == 100 and -1 <= first["probe/r2_affine"] <= 1
+        probes.submit(str(run_dir / "checkpoint_00000200"), 200)
+        t0 = time.perf_counter()
+        assert probes.wait(300, stopping=lambda: True)["step"] in (100, 200) and time.perf_counter() - t0 < 2
+        assert probes.wait(300)["step"] == 200
+    finally:
+        probes.close()

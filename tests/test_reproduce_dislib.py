@@ -17,7 +17,7 @@ from trainer.data.shards import Manifest, ShardInfo, make_factor
 from trainer.data.convert.shards import write_manifest
 from trainer.errors import UserError
 from tune.reproduce_dislib import (DEFAULT_SEEDS, QUICK_FOLDER, QUICK_STEPS, Dataset, build_dislib_plan,
-                                   dislib_name, dislib_tables, parse_settings, plot_table, table_rows)
+                                   dislib_name, dislib_tables, parse_models, parse_settings, plot_table, table_rows)
 from tune.spec import trial_config
 from tune.summary import TrialRow, summarise
 
@@ -62,6 +62,7 @@ def test_plan_finds_datasets_models_and_seeds(tmp_path, dislib_root):
         o = t.overrides
         assert (o["probe.max_train_samples"], o["probe.max_eval_samples"], o["probe.score_split"]) == (0, 0, "test")
         assert o["data.root"] == str(dislib_root.absolute() / t.values["dataset"]) and o["run.seed"] == t.seed
+        assert o["run.checkpoint_every"] == 1        # once per epoch: 8 training samples, one batch
         cfg = trial_config(t)
         assert cfg.experiment_name == "dislib" and cfg.run.stop_at == {"val/acc": 0.999}   # the paper's stop rule
         assert cfg.model.encoder == ("dislib_mlp" if t.values["model"] == "mlp" else "resnet18")
@@ -99,6 +100,12 @@ def test_missing_dsprites_is_rendered_and_bad_input_is_one_line(tmp_path):
     plan, datasets = build_dislib_plan(tmp_path / "new" / "root", storage=str(tmp_path / "sw"))
     assert [(d.name, d.generate, d.limit) for d in datasets] == [("dsprites", True, None)]
     assert len(plan.trials) == 6 and not (tmp_path / "new").exists()   # planning renders nothing
+    # the stop rule is checked once per epoch, as the public code does: 589,824 training images / 4096
+    assert {trial_config(t).run.checkpoint_every for t in plan.trials} == {144}
+    half, _ = build_dislib_plan(tmp_path / "new" / "root", settings={"optim.batch_size": 2048})
+    assert {t.overrides["run.checkpoint_every"] for t in half.trials} == {288}
+    fixed, _ = build_dislib_plan(tmp_path / "new" / "root", settings={"run.checkpoint_every": 50})
+    assert {trial_config(t).run.checkpoint_every for t in fixed.trials} == {50}   # --set wins
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a folder"):
         build_dislib_plan(tmp_path / "file")
@@ -129,6 +136,26 @@ def test_plan_cli_prints_every_trial_and_runs_nothing(tmp_path, dislib_root):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not a folder" in bad.stderr
     misplaced = run_linrep(["reproduce", "synthetic", "--plan", "--root", str(dislib_root)], cwd=tmp_path, timeout=120)
     assert misplaced.returncode == 2 and "only for `linrep reproduce dislib`" in misplaced.stderr
+
+
+def test_models_runs_one_column_of_the_table(tmp_path, dislib_root):
+    assert parse_models(None) == ("mlp", "cnn") and parse_models("cnn, MLP") == ("mlp", "cnn")
+    for bad, needle in (("gpu", "unknown gpu"), (",", "empty"), ("mlp,vit", "unknown vit")):
+        with pytest.raises(UserError, match=needle):
+            parse_models(bad)
+    plan, _ = build_dislib_plan(dislib_root, models=parse_models("mlp"), storage=str(tmp_path / "sw"))
+    assert plan.name == "reproduce-dislib-mlp" and len(plan.trials) == 3 * DEFAULT_SEEDS   # its own sweep folder
+    assert {t.values["model"] for t in plan.trials} == {"mlp"}
+    plan.trials = [t for t in plan.trials if t.values["dataset"] == "dsprites"]
+    rows = [TrialRow(t, "finished", None, {"probe/pearson/shape": 0.9, "probe/pearson_pixels/shape": 0.3})
+            for t in plan.trials]
+    table = dislib_tables(summarise(plan, rows), {"dsprites": [("shape", "categorical")]})["dislib_table.md"]
+    assert "not run (--models): CNN (ResNet-18)" in table and "| dSprites | shape | categorical | 0.900" in table
+    out = run_linrep(["reproduce", "dislib", "--plan", "--models", "mlp", "--root", str(dislib_root),
+                      "--storage", str(tmp_path / "sw")], cwd=tmp_path, timeout=120)
+    assert out.returncode == 0 and "9 trials" in out.stdout and "CNN" not in out.stdout.split("| trial")[1]
+    misplaced = run_linrep(["reproduce", "synthetic", "--plan", "--models", "mlp"], cwd=tmp_path, timeout=120)
+    assert misplaced.returncode == 2 and "--models: only for `linrep reproduce dislib`" in misplaced.stderr
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -254,6 +254,13 @@ class RunConfig(_Section):
     """Stop early once one probe reaches all of these figures (metric -> threshold, reached at >=),
     e.g. {val/acc: 0.999}: the paper's DisLib rule. Probes run beside training, so the run ends at
     the first checkpoint after the probe that reached them; optim.steps is then the cap."""
+    stop_wait: bool = False
+    """With run.stop_at: training waits at each probed checkpoint for that checkpoint's probe, as the
+    public DisLib code validates after every epoch, so the run ends at the checkpoint that reached
+    stop_at. Without it, a probe slower than the steps between checkpoints (a whole-split probe)
+    falls behind and training goes on for as many checkpoints as it lags, each one queued for a
+    probe. The cost is the probe's time at each checkpoint, when training pauses (the probe has the
+    CPUs meanwhile). `linrep reproduce dislib` sets it."""
     report_poll_s: float = Field(0.2, gt=0, le=60)
     """How often Ray Train's controller collects the workers' reports (Ray's
     RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default). A worker blocks on its second uncollected
@@ -385,6 +392,8 @@ class Config(_Section):
         d["run"].pop("name", None)
         d["run"].pop("resume", None)
         d["run"].pop("in_process", None)  # where it trains, not what: a rerun may switch
+        if not d["run"].get("stop_wait"):    # runs named before the field existed keep their names
+            d["run"].pop("stop_wait", None)
         d.pop("tracking", None)
         d["probe"].pop("actor_resources", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
@@ -438,6 +447,9 @@ class Config(_Section):
         if bad:
             raise ConfigError(f"run.stop_at: {bad[0]} is not a probe figure (probe/... or val/..., "
                               "see the README's metric names)")
+        if r.stop_wait and not r.stop_at:
+            raise ConfigError("run.stop_wait=true waits for probes to apply run.stop_at, which is empty: "
+                              "set run.stop_at (e.g. {val/acc: 0.999}) or drop run.stop_wait")
         from trainer.memory import check_memory  # last: it names the key that makes the need too large
 
         check_memory(self)

@@ -159,8 +159,9 @@ def restore(engine, run_dir: str | Path | Location, session: Any = None) -> int:
 
 
 def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: dict[str, float],
-                    ctx: LoopContext, session: Any, logger: MetricLogger | None) -> None:
+                    ctx: LoopContext, session: Any, logger: MetricLogger | None) -> bool:
     """Checkpoint -> flush metrics -> report (a barrier on every rank) -> hand the path to the probe.
+    True on rank 0 when the checkpoint went to the probe.
 
     The reported metrics carry the latest probe figures available (from an earlier checkpoint,
     with `probe_step`), so schedulers such as ASHA can rank trials by them.
@@ -176,8 +177,10 @@ def save_and_report(engine, cfg: Config, data: TrainData, step: int, metrics: di
     nth = step // cfg.run.checkpoint_every
     if rank == 0 and ctx.probes is not None and (nth % cfg.probe.every == 0 or step == cfg.optim.steps):
         ctx.probes.submit(str(locate(ctx.run_dir) / checkpoint_dir_name(step)), step)
-    elif rank == 0 and ctx.probes is None:
+        return True
+    if rank == 0 and ctx.probes is None:
         retain_without_probes(ctx, cfg)
+    return False
 
 
 def retain_without_probes(ctx: LoopContext, cfg: Config) -> None:
@@ -202,6 +205,11 @@ class Progress:
         self._poll_probe()
         return self.latest
 
+    def wait_for_probe(self, timeout_s: float, stopping: Callable[[], bool]) -> dict[str, float]:
+        """run.stop_wait: the figures once the checkpoint just submitted has been probed."""
+        self.latest = self.probes.wait(timeout_s, stopping) or self.latest
+        return self.latest
+
     def _poll_probe(self) -> None:
         if self.probes is not None:  # never waits: the figures known so far when the answer is not in
             self.latest = self.probes.latest() or self.latest
@@ -222,6 +230,29 @@ def stop_reached(stop_at: dict[str, float], figures: dict[str, float]) -> str:
     if not figures or any(figures.get(k, float("-inf")) < v for k, v in stop_at.items()):
         return ""
     return ", ".join(f"{k} {figures[k]:.4g} >= {v:g}" for k, v in stop_at.items())
+
+
+# The other ranks wait for rank 0 inside rank0_decides' broadcast, which fails past the process group's
+# timeout (Ray's TorchConfig.timeout_s, 1800 s): a multi-worker run waits for a probe at most this long.
+MULTI_WORKER_PROBE_WAIT_S = 1500.0
+
+
+def wait_for_probe(progress: Progress, cfg: Config, session: Any, step: int, logger: MetricLogger | None
+                   ) -> dict[str, float]:
+    """run.stop_wait, rank 0: pause training until the probe of `step` has answered, so run.stop_at
+    is applied to this checkpoint; the wait is logged as train/probe_wait_s."""
+    timeout_s = cfg.probe.drain_timeout_s
+    if getattr(session, "world", 1) > 1:
+        timeout_s = min(timeout_s, MULTI_WORKER_PROBE_WAIT_S)
+    t0 = time.perf_counter()
+    latest = progress.wait_for_probe(timeout_s, session.stopping)
+    waited = time.perf_counter() - t0
+    if int(latest.get("step", -1)) < step and not session.stopping():
+        print(f"warning: run.stop_wait: the probe of step {step} gave no figures (it failed, or is still running "
+              f"after {waited:.0f} s); training goes on", file=sys.stderr, flush=True)
+    if logger:
+        logger.log({"train/probe_wait_s": waited}, step)
+    return latest
 
 
 def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContext, session: Any,
@@ -262,7 +293,9 @@ def train(cfg: Config, engine, data: TrainData, start_step: int, ctx: LoopContex
             report = {"train/loss": float(loss), **{k: v for k, v in latest.items() if k.startswith("probe/")}}
             if latest:
                 report["probe_step"] = int(latest.get("step", 0))
-            save_and_report(engine, cfg, data, done, report, ctx, session, logger)
+            probed = save_and_report(engine, cfg, data, done, report, ctx, session, logger)
+            if run.stop_wait and probed and progress:
+                latest = wait_for_probe(progress, cfg, session, done, logger)
             reached = stop_reached(run.stop_at, latest) if run.stop_at else ""
             if run.stop_at and rank0_decides(bool(reached), engine.device):
                 if rank == 0:

@@ -11,7 +11,11 @@ missing), two classifiers of its categorical factor:
 
 each trained with the paper's recipe and stop rule (the preset's: Adam 1e-3, batch 4096, up to ~100
 epochs, stop once val/acc > 0.999, run.stop_at) for 3 seeds by default (--seeds); steps = the
-preset's x --budget. Every factor is decoded (categorical ones included, as the public code does) by
+preset's x --budget. As in the public code, validation accuracy (and with it the stop rule) is checked
+once per epoch: a trial checkpoints and probes every ceil(training split / batch) steps (144 on
+dSprites), not at the preset's finer interval, so each whole-split probe stands for an epoch.
+--models mlp (or cnn) runs one column of the table: ResNet-18 to the stop rule needs GPUs, the MLP
+rows run on a CPU machine. Every factor is decoded (categorical ones included, as the public code does) by
 a linear decoder fitted on the whole training split (probe.max_train_samples=0: streamed normal
 equations, probes.factors) and scored on the test split (probe.score_split=test, all of it); the
 raw-pixel baseline goes through the same fit on the same splits.
@@ -63,6 +67,11 @@ QUICK_OVERRIDES = {"data.image_size": 32, "optim.batch_size": 128, "data.shuffle
 QUICK_MLP_HIDDEN = [64, 64, 64]
 # every trial: decoders on the whole training split, scored on the whole test split
 PROBE_OVERRIDES = {"probe.max_train_samples": 0, "probe.max_eval_samples": 0, "probe.score_split": "test"}
+# the stop rule acts on the epoch that reached it: training waits for each epoch's probe, as the
+# public code validates after each epoch (without it, measured on 2 cores with two trials at a time:
+# the whole-split probes fell 3.5 epochs behind training within 15 min, each epoch between them
+# queued for a probe of its own)
+STOP_RULE = {"run.stop_wait": True}
 METRIC = "val/acc"
 PIXELS = "pixels"
 
@@ -131,11 +140,40 @@ def check_manifest(ds: Dataset) -> None:
                         f"(--root holds one folder per dataset, named {', '.join(DATASETS)})")
 
 
+def parse_models(text: str | None) -> tuple[str, ...]:
+    """`--models mlp,cnn` -> the table's columns to run, in table order (default: both)."""
+    if text is None:
+        return MODELS
+    asked = [m.strip().lower() for m in text.split(",") if m.strip()]
+    wrong = [m for m in asked if m not in MODELS]
+    if not asked or wrong:
+        raise UserError(f"--models {text}: {'unknown ' + ', '.join(wrong) if wrong else 'empty'} "
+                        f"(one or more of {', '.join(MODELS)}, comma-separated)")
+    return tuple(m for m in MODELS if m in asked)
+
+
+def train_samples(ds: Dataset) -> int:
+    """The training split's size: from the manifest, or (dSprites still to render) from the split rule."""
+    from trainer.data.shards import load_manifest
+
+    if not ds.generate:
+        return int(load_manifest(ds.root).splits["train"]["num_samples"])
+    from trainer.data.convert.dsprites import NUM_IMAGES
+    from trainer.data.convert.shards import split_indices
+
+    return len(split_indices(min(ds.limit or NUM_IMAGES, NUM_IMAGES), 0)["train"])
+
+
+def epoch_steps(ds: Dataset, batch_size: int) -> int:
+    """Steps per epoch of the training split at the global batch size (optim.batch_size)."""
+    return max(1, math.ceil(train_samples(ds) / batch_size))
+
+
 def trial_overrides(ds: Dataset, model: str, base_steps: int, budget: float, quick: bool) -> dict[str, Any]:
     steps = QUICK_STEPS if quick else base_steps
     steps = max(10, int(round(steps * budget)))
     overrides: dict[str, Any] = {"data.root": str(ds.root), "optim.steps": steps, "tracking.experiment": EXPERIMENT,
-                                 **PROBE_OVERRIDES}
+                                 **PROBE_OVERRIDES, **STOP_RULE}
     if quick:
         overrides.update(QUICK_OVERRIDES)
         overrides.update({"run.checkpoint_every": steps, "optim.warmup_steps": 0})  # one probe: the final one
@@ -166,7 +204,8 @@ def parse_settings(items: list[str] | None) -> dict[str, Any]:
 
 def build_dislib_plan(root: str | Path | None = None, *, quick: bool = False, seeds: int | None = None,
                       budget: float = 1.0, storage: str | None = None,
-                      settings: dict[str, Any] | None = None) -> tuple[SweepPlan, list[Dataset]]:
+                      settings: dict[str, Any] | None = None,
+                      models: tuple[str, ...] = MODELS) -> tuple[SweepPlan, list[Dataset]]:
     """The reproduce sweep: every dataset x model x seed as a trial, validated before Ray starts;
     and the datasets (those to render first marked). `settings` (--set) go into every trial last,
     e.g. run.use_gpu=true run.workers=2 for a GPU cluster."""
@@ -180,16 +219,18 @@ def build_dislib_plan(root: str | Path | None = None, *, quick: bool = False, se
     datasets = find_datasets(root, quick)
     for ds in datasets:
         check_manifest(ds)
-    name = dislib_name(quick, budget, seeds, settings)
+    name = dislib_name(quick, budget, seeds, settings, models)
     trials = []
     for ds in datasets:
-        for model in MODELS:
+        for model in models:
             base, extra = model_base(ds.name, model)
             try:
-                preset_steps = trial_config(Trial("probe", base, {"data.root": str(ds.root)}, {}, 0, "")).optim.steps
+                preset = trial_config(Trial("probe", base, {"data.root": str(ds.root), **settings}, {}, 0, ""))
             except ConfigError as err:
                 raise UserError(f"reproduce dislib: preset {base}: {err}") from None
-            overrides = {**extra, **trial_overrides(ds, model, preset_steps, budget, quick), **settings}
+            overrides = {**extra, **trial_overrides(ds, model, preset.optim.steps, budget, quick), **settings}
+            if not quick and "run.checkpoint_every" not in settings:  # the stop rule once per epoch
+                overrides["run.checkpoint_every"] = epoch_steps(ds, preset.optim.batch_size)
             for seed in range(seeds):
                 trials.append(Trial(key=f"{name}-{ds.name}-{model}-s{seed}", base=base,
                                     overrides={**overrides, "run.seed": seed},
@@ -212,9 +253,12 @@ def build_dislib_plan(root: str | Path | None = None, *, quick: bool = False, se
     return plan, datasets
 
 
-def dislib_name(quick: bool, budget: float, seeds: int, settings: dict[str, Any] | None = None) -> str:
+def dislib_name(quick: bool, budget: float, seeds: int, settings: dict[str, Any] | None = None,
+                models: tuple[str, ...] = MODELS) -> str:
     """Distinct arguments, distinct sweeps (each resumable by rerunning the same command)."""
     name = "reproduce-dislib" + ("-quick" if quick else "")
+    if tuple(models) != MODELS:
+        name += "-" + "-".join(models)
     if budget != 1.0:
         name += f"-b{budget:g}"
     if seeds != (QUICK_SEEDS if quick else DEFAULT_SEEDS):
@@ -227,13 +271,16 @@ def dislib_name(quick: bool, budget: float, seeds: int, settings: dict[str, Any]
     return name
 
 
-PLAN_FIXED = {"optim.steps", "run.seed", "data.root", "tracking.experiment", *PROBE_OVERRIDES}
+PLAN_FIXED = {"optim.steps", "run.seed", "data.root", "tracking.experiment", "run.checkpoint_every", *PROBE_OVERRIDES,
+              *STOP_RULE}
 
 
 def plan_table(plan: SweepPlan, datasets: list[Dataset]) -> str:
     """`--plan`: one line per trial (dataset, model, seed, preset, overrides, steps); runs nothing."""
+    every = sorted({t.overrides.get("run.checkpoint_every") for t in plan.trials} - {None})
     lines = [f"### {plan.name}: {len(plan.trials)} trials, {sum(t.overrides['optim.steps'] for t in plan.trials):,} "
-             "steps in all (each stops early once val/acc > 0.999)", ""]
+             "steps in all (each stops early once val/acc > 0.999"
+             + (f", checked every {'/'.join(map(str, every))} steps: once per epoch" if every else "") + ")", ""]
     for ds in datasets:
         state = (f"rendered first: {'a ' + format(ds.limit, ',') + '-image subset' if ds.limit else 'the full grid'}"
                  if ds.generate else "shards found")
@@ -326,10 +373,13 @@ def _num(v: float | int) -> str:
 def _footnote(summary: Summary) -> str:
     seeds = sorted({t.trial.seed for t in summary.trials})
     missing = [r["configuration"] for r in summary.rows if not r["n"]]
+    ran = {t.trial.values["model"] for t in summary.trials}
+    not_run = [MODEL_TITLES[m] for m in MODELS if m not in ran]
     return (f"{len(seeds)} seed{'' if len(seeds) == 1 else 's'} per model; '–': a factor with one value "
             "(nothing to decode) or no finished seed; categorical factors are decoded as numbers, as the "
             "public code does; pixels: the same decoder on the raw pixels (average-pooled to 32x32 beyond "
-            "64x64x1)" + (f"; without a finished seed: {', '.join(missing)}" if missing else ""))
+            "64x64x1)" + (f"; without a finished seed: {', '.join(missing)}" if missing else "")
+            + (f"; not run (--models): {', '.join(not_run)}" if not_run else ""))
 
 
 def dislib_tables(summary: Summary, factors: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
@@ -353,16 +403,19 @@ def plot_table(rows: list[TableRow], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # columns with no value anywhere (a model left out by --models) get no bars and no legend entry
+    columns = [c for c in (*MODELS, PIXELS) if any(not math.isnan(r.cells[c][0]) for r in rows)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets) + 0.8, 3.8), squeeze=False)
-    width = 0.27
+    width = 0.8 / len(columns)
     for ax, ds in zip(axes[0], datasets):
         mine = [r for r in rows if r.dataset == ds]
         xs = range(len(mine))
-        for i, col in enumerate((*MODELS, PIXELS)):
+        for i, col in enumerate(columns):
             means = [0.0 if math.isnan(r.cells[col][0]) else r.cells[col][0] for r in mine]
             stds = [0.0 if math.isnan(r.cells[col][1]) else r.cells[col][1] for r in mine]
-            ax.bar([x + (i - 1) * width for x in xs], means, width, yerr=stds, capsize=2,
-                   label={"mlp": "MLP", "cnn": "CNN", PIXELS: "pixels"}[col])
+            ax.bar([x + (i - (len(columns) - 1) / 2) * width for x in xs], means, width, yerr=stds, capsize=2,
+                   label={"mlp": "MLP", "cnn": "CNN", PIXELS: "pixels"}[col],
+                   color={"mlp": "C0", "cnn": "C1", PIXELS: "C2"}[col])   # the same colour in every figure
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r.factor for r in mine], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(min(0.0, *(r.cells[c][0] for r in mine for c in r.cells if not math.isnan(r.cells[c][0]))), 1.0)
@@ -393,11 +446,12 @@ def publish_figure(outcome, factors: dict[str, list[tuple[str, str]]]) -> Path |
 
 # ---- the command line (wired into `linrep reproduce` by linrep/cli.py) ---------------------------
 def reproduce_dislib_cli(args) -> int:
-    """`linrep reproduce dislib [--root DIR] [--quick] [--seeds K] [--budget B] [--set K=V ...] [--plan]
-    [--address A] [--storage S]`."""
+    """`linrep reproduce dislib [--root DIR] [--quick] [--seeds K] [--budget B] [--models M] [--set K=V ...]
+    [--plan] [--address A] [--storage S]`."""
     plan, datasets = build_dislib_plan(getattr(args, "root", None), quick=bool(args.quick), seeds=args.seeds,
                                        budget=float(args.budget), storage=getattr(args, "storage", None),
-                                       settings=parse_settings(getattr(args, "set", None)))
+                                       settings=parse_settings(getattr(args, "set", None)),
+                                       models=parse_models(getattr(args, "models", None)))
     if getattr(args, "plan", False):
         print(plan_table(plan, datasets), end="", file=sys.stdout)
         return 0
