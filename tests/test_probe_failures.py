@@ -70,24 +70,32 @@ def test_a_probe_that_always_kills_its_actor_is_recorded_and_the_run_finishes(tm
     assert metric_steps(uri, run.info.run_id, "probe/r2_affine") == [200]  # the next checkpoint probed, once
 
 
-@pytest.mark.parametrize("where", ["actor", "thread"])
-def test_the_drain_is_bounded_and_names_what_was_not_probed(tmp_path, ray_local, sqlite_uri, capfd, where):
-    """Both kinds of probes (a probe actor; a thread of the training process, probes.actor.LocalProbe)
-    end their drain at probe.drain_timeout_s with one warning line naming the steps not probed."""
+def probes_of_two_checkpoints(tmp_path, sqlite_uri, where: str, name: str, *overrides: str):
+    """A run with checkpoints at steps 100 and 200 (none submitted yet) and its probes: the probe
+    actor, or a thread of this process (probes.actor.LocalProbe)."""
     from probes.actor import ActorProbes, LocalProbe, start_probe_actor
-    from probes.pipeline import drain_probes
-    from trainer.run import RunHandle
     from trainer.tracking import open_run
 
-    cfg = load_config("synthetic-supervised", ["data.generator_pool=200", "probe.samples=300000",
-                                               "run.checkpoint_every=100", "optim.steps=200",
-                                               "probe.drain_timeout_s=1"])
-    run_id = open_run(cfg, sqlite_uri, "drain")
+    cfg = load_config("synthetic-supervised", ["data.generator_pool=200", "run.checkpoint_every=100",
+                                               "optim.steps=200", *overrides])
+    run_id = open_run(cfg, sqlite_uri, name)
     run_dir = tmp_path / "run"
     for step in (100, 200):
         make_checkpoint(cfg, run_dir / f"checkpoint_{step:08d}", step)
     probes = (ActorProbes(start_probe_actor(sqlite_uri, run_id, cfg)) if where == "actor"
               else LocalProbe(sqlite_uri, run_id, cfg))
+    return cfg, run_id, run_dir, probes
+
+
+@pytest.mark.parametrize("where", ["actor", "thread"])
+def test_the_drain_is_bounded_and_names_what_was_not_probed(tmp_path, ray_local, sqlite_uri, capfd, where):
+    """Both kinds of probes (a probe actor; a thread of the training process, probes.actor.LocalProbe)
+    end their drain at probe.drain_timeout_s with one warning line naming the steps not probed."""
+    from probes.pipeline import drain_probes
+    from trainer.run import RunHandle
+
+    cfg, run_id, run_dir, probes = probes_of_two_checkpoints(tmp_path, sqlite_uri, where, "drain",
+                                                             "probe.samples=300000", "probe.drain_timeout_s=1")
     for step in (100, 200):
         probes.submit(str(run_dir / f"checkpoint_{step:08d}"), step)
     t0 = time.perf_counter()
@@ -103,17 +111,7 @@ def test_the_drain_is_bounded_and_names_what_was_not_probed(tmp_path, ray_local,
 def test_wait_returns_once_the_checkpoint_submitted_before_it_is_probed(tmp_path, ray_local, sqlite_uri, where):
     """run.stop_wait's wait, on both kinds of probes: the figures of the checkpoint submitted just
     before (calls are answered in order); at once, with the figures known so far, when stopping."""
-    from probes.actor import ActorProbes, LocalProbe, start_probe_actor
-    from trainer.tracking import open_run
-
-    cfg = load_config("synthetic-supervised", ["data.generator_pool=200", "probe.samples=2048",
-                                               "run.checkpoint_every=100", "optim.steps=200"])
-    run_id = open_run(cfg, sqlite_uri, "wait")
-    run_dir = tmp_path / "run"
-    for step in (100, 200):
-        make_checkpoint(cfg, run_dir / f"checkpoint_{step:08d}", step)
-    probes = (ActorProbes(start_probe_actor(sqlite_uri, run_id, cfg)) if where == "actor"
-              else LocalProbe(sqlite_uri, run_id, cfg))
+    _, _, run_dir, probes = probes_of_two_checkpoints(tmp_path, sqlite_uri, where, "wait", "probe.samples=2048")
     try:
         probes.submit(str(run_dir / "checkpoint_00000100"), 100)
         first = probes.wait(300)
