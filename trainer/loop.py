@@ -242,7 +242,7 @@ def wait_for_probe(progress: Progress, cfg: Config, session: Any, step: int, log
     """run.stop_wait, rank 0: pause training until the probe of `step` has answered, so run.stop_at
     is applied to this checkpoint; the wait is logged as train/probe_wait_s."""
     timeout_s = cfg.probe.drain_timeout_s
-    if getattr(session, "world", 1) > 1:
+    if session.world > 1:
         timeout_s = min(timeout_s, MULTI_WORKER_PROBE_WAIT_S)
     t0 = time.perf_counter()
     latest = progress.wait_for_probe(timeout_s, session.stopping)

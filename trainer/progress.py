@@ -202,8 +202,8 @@ class SweepBoard:
         for r in self.rows.values():
             by_state.setdefault(self.state(r), []).append(r)
         width = max((len(r["run"]) for r in self.rows.values()), default=5)
-        lines = ["[sweep] trials: " + ", ".join(f"{len(rows)} {state}" for state, rows in by_state.items()
-                                                if rows or state in ("running", "finished"))]
+        # running and finished always shown; other states (stopped, failed) only once they occur
+        lines = ["[sweep] trials: " + ", ".join(f"{len(rows)} {state}" for state, rows in by_state.items())]
         for state, rows in by_state.items():
             for r in sorted(rows, key=lambda r: r["run"]):
                 probe = probe_text(r)

@@ -164,11 +164,6 @@ def train_samples(ds: Dataset) -> int:
     return len(split_indices(min(ds.limit or NUM_IMAGES, NUM_IMAGES), 0)["train"])
 
 
-def epoch_steps(ds: Dataset, batch_size: int) -> int:
-    """Steps per epoch of the training split at the global batch size (optim.batch_size)."""
-    return max(1, math.ceil(train_samples(ds) / batch_size))
-
-
 def trial_overrides(ds: Dataset, model: str, base_steps: int, budget: float, quick: bool) -> dict[str, Any]:
     steps = QUICK_STEPS if quick else base_steps
     steps = max(10, int(round(steps * budget)))
@@ -222,6 +217,7 @@ def build_dislib_plan(root: str | Path | None = None, *, quick: bool = False, se
     name = dislib_name(quick, budget, seeds, settings, models)
     trials = []
     for ds in datasets:
+        n_train = None if quick or "run.checkpoint_every" in settings else train_samples(ds)
         for model in models:
             base, extra = model_base(ds.name, model)
             try:
@@ -229,8 +225,8 @@ def build_dislib_plan(root: str | Path | None = None, *, quick: bool = False, se
             except ConfigError as err:
                 raise UserError(f"reproduce dislib: preset {base}: {err}") from None
             overrides = {**extra, **trial_overrides(ds, model, preset.optim.steps, budget, quick), **settings}
-            if not quick and "run.checkpoint_every" not in settings:  # the stop rule once per epoch
-                overrides["run.checkpoint_every"] = epoch_steps(ds, preset.optim.batch_size)
+            if n_train is not None:  # the stop rule once per epoch
+                overrides["run.checkpoint_every"] = max(1, math.ceil(n_train / preset.optim.batch_size))
             for seed in range(seeds):
                 trials.append(Trial(key=f"{name}-{ds.name}-{model}-s{seed}", base=base,
                                     overrides={**overrides, "run.seed": seed},
